@@ -1,0 +1,78 @@
+"""The torchvision input backend: PIL decode + torchvision transforms in DataLoader workers."""
+from __future__ import annotations
+
+import math
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision import transforms as T
+
+__all__ = ["ImageListDataset", "train_transform", "eval_transform", "build_torch_loader", "ShardSampler"]
+
+
+class ImageListDataset(Dataset):
+    """(path, label) samples decoded with PIL as RGB."""
+
+    def __init__(self, samples: list[tuple[str, int]], transform=None):
+        self.samples = samples
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        path, label = self.samples[i]
+        with Image.open(path) as im:
+            img = im.convert("RGB")
+        return (self.transform(img) if self.transform else img), label
+
+
+def train_transform(size: int, mean, std, *, pad_crop: bool, hflip: float, randaug: str | None = None):
+    """Random-resized-crop (or pad-and-crop for small inputs), flip, optional RandAugment, normalise."""
+    ops = [T.RandomCrop(size, padding=max(1, size // 8)) if pad_crop
+           else T.RandomResizedCrop(size, interpolation=T.InterpolationMode.BICUBIC)]
+    if hflip > 0:
+        ops.append(T.RandomHorizontalFlip(hflip))
+    if randaug:
+        from timm.data.auto_augment import rand_augment_transform
+
+        ops.append(rand_augment_transform(randaug, {"img_mean": tuple(round(255 * m) for m in mean)}))
+    ops += [T.ToTensor(), T.Normalize(mean, std)]
+    return T.Compose(ops)
+
+
+def eval_transform(size: int, mean, std, crop_pct: float = 1.0):
+    """Resize the short side to size / crop_pct, centre-crop size, normalise."""
+    return T.Compose([
+        T.Resize(int(math.floor(size / crop_pct)), interpolation=T.InterpolationMode.BICUBIC),
+        T.CenterCrop(size), T.ToTensor(), T.Normalize(mean, std),
+    ])
+
+
+class ShardSampler(Sampler[int]):
+    """Contiguous shard `rank` of `world_size` over the indices, each index in exactly one shard."""
+
+    def __init__(self, n: int, rank: int = 0, world_size: int = 1):
+        self.indices = list(range(n))[rank::world_size]
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def build_torch_loader(samples, transform, *, batch_size: int, train: bool, workers: int, seed: int,
+                       rank: int = 0, world_size: int = 1, pin_memory: bool = False) -> DataLoader:
+    """Train: shuffled (seeded), drop_last; eval: every sample of this shard exactly once, in order."""
+    ds = ImageListDataset(samples, transform)
+    g = torch.Generator().manual_seed(seed)
+    if train:
+        sampler = None
+        if world_size > 1:
+            sampler = torch.utils.data.DistributedSampler(ds, world_size, rank, shuffle=True, seed=seed, drop_last=True)
+        return DataLoader(ds, batch_size=batch_size, shuffle=sampler is None, sampler=sampler, drop_last=len(ds) >= batch_size,
+                          num_workers=workers, pin_memory=pin_memory, generator=g, persistent_workers=workers > 0)
+    return DataLoader(ds, batch_size=batch_size, sampler=ShardSampler(len(ds), rank, world_size), drop_last=False,
+                      num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0)

@@ -1,0 +1,161 @@
+"""DearKD's stage-aware loss (and, for the data-free path, DeepInversion's).
+
+Stage 1:  L1 = (1 - alpha) CE(cls, y) + alpha KD(dist, teacher) + beta * sum_pairs L_align
+Stage 2:  L2 = 0.5 CE(cls, y) + 0.5 CE(dist, y)          (the teacher is not run)
+
+L_align for a pair (student block l, teacher stage s) is ops.feature_align_loss of the block's patch
+tokens, a learned projection W_l [C_s, D], b_l [C_s], and the teacher map resized to the patch grid.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import ops, reference
+from .models.teacher import Teacher
+
+__all__ = ["DearKDLoss", "SupervisedLoss", "resize_to_grid", "align_pairing"]
+
+
+def resize_to_grid(feat: Tensor, grid: tuple[int, int]) -> Tensor:
+    """Teacher map [B,C,H,W] -> [B,C,h,w]: adaptive average pooling when larger, bilinear when smaller."""
+    h, w = grid
+    H, W = feat.shape[-2:]
+    if (H, W) == (h, w):
+        return feat
+    if H >= h and W >= w:
+        return F.adaptive_avg_pool2d(feat, (h, w))
+    return F.interpolate(feat, size=(h, w), mode="bilinear", align_corners=False)
+
+
+def standardize_channels(feat: Tensor, eps: float = 1e-5) -> Tensor:
+    """Per-channel standardisation over (B, h, w): (F - mean_c) / sqrt(var_c + eps)."""
+    f = feat.float()
+    mean = f.mean(dim=(0, 2, 3), keepdim=True)
+    var = f.var(dim=(0, 2, 3), keepdim=True, unbiased=False)
+    return (f - mean) * torch.rsqrt(var + eps)
+
+
+def align_pairing(num_blocks: int, num_taps: int) -> list[int]:
+    """Teacher tap for each of the first `num_blocks` student blocks: split evenly, in order."""
+    return [i * num_taps // num_blocks for i in range(num_blocks)]
+
+
+def _split_outputs(outputs) -> tuple[Tensor, Tensor | None, list[Tensor]]:
+    if isinstance(outputs, Tensor):
+        return outputs, None, []
+    if len(outputs) == 2:
+        return outputs[0], outputs[1], []
+    return outputs[0], outputs[1], list(outputs[2])
+
+
+class DearKDLoss(nn.Module):
+    """Callable (inputs, outputs, labels) -> loss, like DeiT's DistillationLoss, with set_stage(1 | 2).
+
+    outputs is the student's training output (cls_logits, dist_logits, tokens). The alignment
+    projections are parameters of this module: give `criterion.parameters()` to the optimizer.
+    After each call `last_terms` holds the detached per-term values.
+    """
+
+    def __init__(
+        self,
+        base_criterion: Callable[[Tensor, Tensor], Tensor],
+        teacher: Teacher | None,
+        *,
+        distillation_type: str = "hard",
+        alpha: float = 0.5,
+        tau: float = 1.0,
+        beta: float = 1.0,
+        embed_dim: int | None = None,
+        grid_size: tuple[int, int] | None = None,
+        num_align: int = 0,
+        standardize_target: bool = False,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        if distillation_type not in ("hard", "soft"):
+            raise ValueError(f"distillation_type must be 'hard' or 'soft', got '{distillation_type}'")
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        self.base_criterion = base_criterion
+        self.teacher = teacher
+        self.distillation_type = distillation_type
+        self.alpha, self.tau, self.beta = alpha, tau, beta
+        self.grid_size = grid_size
+        self.standardize_target = standardize_target
+        self.backend = backend
+        self.pairing: list[int] = []
+        self.projections = nn.ModuleList()
+        if num_align > 0 and beta > 0:
+            if teacher is None or embed_dim is None or grid_size is None:
+                raise ValueError("feature alignment needs a teacher, embed_dim and grid_size")
+            channels = teacher.channels()
+            self.pairing = align_pairing(num_align, len(channels))
+            self.projections.extend(nn.Linear(embed_dim, channels[s]) for s in self.pairing)
+        self.stage = 1
+        self.last_terms: dict[str, Tensor] = {}
+
+    def set_stage(self, stage: int) -> None:
+        """1: CE + KD + alignment (teacher runs); 2: labels only on both heads (teacher never runs)."""
+        if stage not in (1, 2):
+            raise ValueError(f"stage must be 1 or 2, got {stage}")
+        self.stage = stage
+
+    def forward(self, inputs: Tensor, outputs, labels: Tensor) -> Tensor:
+        cls_logits, dist_logits, tokens = _split_outputs(outputs)
+        if dist_logits is None:
+            raise ValueError("DearKDLoss needs the student's (cls_logits, dist_logits[, tokens]) training output")
+        if self.stage == 2:
+            ce_cls = self.base_criterion(cls_logits, labels)
+            ce_dist = self.base_criterion(dist_logits, labels)
+            loss = 0.5 * ce_cls + 0.5 * ce_dist
+            self.last_terms = {"loss": loss.detach(), "ce": ce_cls.detach(), "ce_dist": ce_dist.detach()}
+            return loss
+        if self.teacher is None:
+            raise ValueError("stage 1 needs a teacher")
+        teacher_logits, feats = self.teacher(inputs)
+        ce = self.base_criterion(cls_logits, labels)
+        if self.distillation_type == "hard":
+            kd = reference.kd_hard(dist_logits, teacher_logits)
+        else:
+            kd = reference.kd_soft(dist_logits, teacher_logits, self.tau)
+        loss = (1.0 - self.alpha) * ce + self.alpha * kd
+        terms = {"ce": ce.detach(), "kd": kd.detach()}
+        if self.projections:
+            if len(tokens) < len(self.projections):
+                raise ValueError(
+                    f"alignment needs patch tokens of {len(self.projections)} blocks, the student returned {len(tokens)}"
+                )
+            align = sum(
+                self.align_term(tok, proj, feats[s]) for tok, proj, s in zip(tokens, self.projections, self.pairing)
+            )
+            loss = loss + self.beta * align
+            terms["align"] = align.detach()
+        terms["loss"] = loss.detach()
+        self.last_terms = terms
+        return loss
+
+    def align_term(self, tokens: Tensor, proj: nn.Linear, feat: Tensor) -> Tensor:
+        """L_align of one pair through ops.feature_align_loss."""
+        target = resize_to_grid(feat, self.grid_size)
+        if self.standardize_target:
+            target = standardize_channels(target)
+        return ops.feature_align_loss(tokens, proj.weight, proj.bias, target, backend=self.backend)
+
+
+class SupervisedLoss(nn.Module):
+    """(inputs, outputs, labels) -> base(outputs, labels): the teacher's (and any plain model's) loss."""
+
+    def __init__(self, base_criterion: Callable[[Tensor, Tensor], Tensor]):
+        super().__init__()
+        self.base_criterion = base_criterion
+        self.last_terms: dict[str, Tensor] = {}
+
+    def forward(self, inputs: Tensor, outputs: Tensor, labels: Tensor) -> Tensor:
+        loss = self.base_criterion(outputs, labels)
+        self.last_terms = {"loss": loss.detach()}
+        return loss

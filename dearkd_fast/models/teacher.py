@@ -1,0 +1,262 @@
+"""Teacher loading and early-feature taps.
+
+Any timm CNN (by name) or torchvision classifier (`tv:<name>`) can teach; `cifar_resnet{8,20,56}`
+are CIFAR-style ResNets (3x3 stem, no max-pool) that teach well at 32 px. A teacher checkpoint
+(`teacher.pt`) holds the weights plus everything needed to rebuild and use it alone.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+
+import timm
+import torch
+import torch.nn as nn
+from timm.models import register_model
+from torch import Tensor
+
+from .student import TIMM_KWARGS
+
+__all__ = [
+    "CifarResNet",
+    "Teacher",
+    "TeacherSpec",
+    "TeacherCheckpointError",
+    "create_teacher_model",
+    "default_taps",
+    "save_teacher",
+    "load_teacher",
+]
+
+CHECKPOINT_FORMAT = "dearkd_fast.teacher/1"
+
+
+class TeacherCheckpointError(ValueError):
+    """A teacher checkpoint that is missing, unreadable, or does not fit the run."""
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """ResNet for 32 px inputs: 3x3 stem, stages layer1..layer3 at strides 1, 2, 2."""
+
+    def __init__(self, blocks_per_stage: int = 3, widths: tuple[int, int, int] = (16, 32, 64), num_classes: int = 10,
+                 in_chans: int = 3, **kwargs):
+        super().__init__()
+        for k in TIMM_KWARGS:
+            kwargs.pop(k, None)
+        if kwargs:
+            raise TypeError(f"CifarResNet got unexpected arguments: {sorted(kwargs)}")
+        self.num_classes = num_classes
+        self.conv1 = nn.Conv2d(in_chans, widths[0], 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        cin, stages = widths[0], []
+        for i, w in enumerate(widths):
+            stage = [BasicBlock(cin if j == 0 else w, w, (1 if i == 0 else 2) if j == 0 else 1) for j in range(blocks_per_stage)]
+            stages.append(nn.Sequential(*stage))
+            cin = w
+        self.layer1, self.layer2, self.layer3 = stages
+        self.num_features = widths[-1]
+        self.fc = nn.Linear(widths[-1], num_classes)
+        self.feature_info = [
+            dict(num_chs=widths[0], reduction=1, module="layer1"),
+            dict(num_chs=widths[1], reduction=2, module="layer2"),
+            dict(num_chs=widths[2], reduction=4, module="layer3"),
+        ]
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        return self.layer3(self.layer2(self.layer1(x)))
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        x = x.mean(dim=(2, 3))
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def _cifar_cfg() -> dict:
+    return {"num_classes": 10, "input_size": (3, 32, 32), "crop_pct": 1.0, "interpolation": "bilinear",
+            "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225), "first_conv": "conv1", "classifier": "fc"}
+
+
+def _cifar(blocks: int, widths: tuple[int, int, int], pretrained: bool, kwargs: dict) -> CifarResNet:
+    if pretrained:
+        raise ValueError("cifar_resnet: no pretrained weights exist; train the teacher (--teacher-epochs)")
+    model = CifarResNet(blocks, widths, **kwargs)
+    model.default_cfg = model.pretrained_cfg = _cifar_cfg()
+    return model
+
+
+@register_model
+def cifar_resnet8(pretrained: bool = False, **kwargs) -> CifarResNet:
+    """1 block a stage, widths 32/64/128: the fast CPU teacher."""
+    return _cifar(1, (32, 64, 128), pretrained, kwargs)
+
+
+@register_model
+def cifar_resnet20(pretrained: bool = False, **kwargs) -> CifarResNet:
+    """He et al.'s ResNet-20 for CIFAR: 3 blocks a stage, widths 16/32/64."""
+    return _cifar(3, (16, 32, 64), pretrained, kwargs)
+
+
+@register_model
+def cifar_resnet56(pretrained: bool = False, **kwargs) -> CifarResNet:
+    """He et al.'s ResNet-56 for CIFAR: 9 blocks a stage, widths 16/32/64."""
+    return _cifar(9, (16, 32, 64), pretrained, kwargs)
+
+
+def create_teacher_model(arch: str, num_classes: int) -> nn.Module:
+    """A randomly initialised classifier: timm name, or `tv:<name>` for torchvision."""
+    if arch.startswith("tv:"):
+        import torchvision
+
+        try:
+            return torchvision.models.get_model(arch[3:], weights=None, num_classes=num_classes)
+        except ValueError as e:
+            raise TeacherCheckpointError(f"unknown torchvision teacher '{arch[3:]}'") from e
+    if not timm.is_model(arch):
+        raise TeacherCheckpointError(f"unknown teacher architecture '{arch}' (not a timm model name)")
+    return timm.create_model(arch, pretrained=False, num_classes=num_classes)
+
+
+def default_taps(model: nn.Module, count: int = 2) -> list[str]:
+    """Names of the first `count` stages after the stem: timm's feature_info, else ResNet's layerN."""
+    info = getattr(model, "feature_info", None)
+    if info:
+        entries = info.get_dicts() if hasattr(info, "get_dicts") else list(info)
+        names = [e["module"] for e in entries if e.get("module") and not e["module"].startswith(("act", "bn", "conv", "stem"))]
+        if len(names) >= count:
+            return names[:count]
+    names = [n for n in ("layer1", "layer2", "s1", "s2", "stages.0", "stages.1") if _has_module(model, n)]
+    if len(names) < count:
+        raise TeacherCheckpointError(
+            f"cannot find {count} early stages in {type(model).__name__}; name them with --teacher-taps"
+        )
+    return names[:count]
+
+
+def _has_module(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+        return True
+    except AttributeError:
+        return False
+
+
+@dataclass
+class TeacherSpec:
+    """Everything needed to rebuild and use a teacher alone."""
+
+    arch: str
+    num_classes: int
+    class_names: list[str]
+    input_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    taps: list[str] = field(default_factory=list)
+    top1: float | None = None
+
+
+class Teacher(nn.Module):
+    """A frozen CNN in eval mode; calling it returns (logits, [tap feature maps]) without grad.
+
+    `penultimate=True` on call also returns the pooled pre-logit features (for data-free losses);
+    `grad=True` keeps the graph to the input (DeepInversion optimises the images through it).
+    """
+
+    def __init__(self, model: nn.Module, spec: TeacherSpec, taps: list[str] | None = None):
+        super().__init__()
+        self.model = model
+        self.spec = spec
+        self.taps = list(taps if taps is not None else (spec.taps or default_taps(model)))
+        self.spec.taps = self.taps
+        self._feats: list[Tensor | None] = [None] * len(self.taps)
+        self._handles = []
+        for i, name in enumerate(self.taps):
+            try:
+                module = model.get_submodule(name)
+            except AttributeError as e:
+                raise TeacherCheckpointError(f"teacher {spec.arch} has no module '{name}' to tap") from e
+            self._handles.append(module.register_forward_hook(self._make_hook(i)))
+        self.calls = 0
+        self.freeze()
+
+    def _make_hook(self, i: int):
+        def hook(_m, _inp, out):
+            self._feats[i] = out
+
+        return hook
+
+    def freeze(self) -> None:
+        self.model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "Teacher":  # always eval: BN running stats never move
+        super().train(False)
+        return self
+
+    def forward(self, x: Tensor, grad: bool = False) -> tuple[Tensor, list[Tensor]]:
+        self.calls += 1
+        with torch.set_grad_enabled(grad):
+            logits = self.model(x)
+        feats = list(self._feats)
+        self._feats = [None] * len(self.taps)
+        return logits, feats
+
+    def channels(self, input_size: int | None = None) -> list[int]:
+        """Channel count of each tap, found by one dry forward on a small input."""
+        size = input_size or self.spec.input_size
+        p = next(self.model.parameters())
+        _, feats = self(torch.zeros(1, 3, size, size, device=p.device, dtype=p.dtype))
+        return [f.shape[1] for f in feats]
+
+
+def save_teacher(model: nn.Module, spec: TeacherSpec, path: str) -> None:
+    """Write teacher.pt atomically: weights plus the spec."""
+    from ..checkpoint import atomic_save
+
+    atomic_save({"format": CHECKPOINT_FORMAT, "spec": asdict(spec), "state_dict": model.state_dict()}, path)
+
+
+def load_teacher(path: str, num_classes: int | None = None, map_location: str | torch.device = "cpu") -> tuple[nn.Module, TeacherSpec]:
+    """Rebuild a teacher from teacher.pt; TeacherCheckpointError names whatever does not fit."""
+    if not os.path.isfile(path):
+        raise TeacherCheckpointError(f"teacher checkpoint '{path}' does not exist")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is a bad input
+        raise TeacherCheckpointError(f"teacher checkpoint '{path}' cannot be read: {type(e).__name__}") from e
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise TeacherCheckpointError(f"'{path}' is not a dearkd_fast teacher checkpoint (format {CHECKPOINT_FORMAT})")
+    s = ckpt["spec"]
+    spec = TeacherSpec(**{**s, "mean": tuple(s["mean"]), "std": tuple(s["std"])})
+    if num_classes is not None and spec.num_classes != num_classes:
+        raise TeacherCheckpointError(
+            f"teacher checkpoint '{path}' has {spec.num_classes} classes but the data has {num_classes}"
+        )
+    model = create_teacher_model(spec.arch, spec.num_classes)
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as e:
+        raise TeacherCheckpointError(f"teacher checkpoint '{path}' does not fit architecture {spec.arch}") from e
+    return model, spec

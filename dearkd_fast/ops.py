@@ -1,0 +1,95 @@
+"""THE dispatch point between the fused kernels and the plain-PyTorch reference.
+
+backend: "auto" (default) | "triton" | "native" | "torch". "auto" reads the environment variable
+DEARKD_BACKEND, and otherwise picks "triton" for CUDA tensors when Triton imports, else "torch".
+A forced choice that cannot run on the given tensors raises BackendError; nothing falls back
+silently.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+from torch import Tensor
+
+from . import reference
+
+__all__ = ["feature_align_loss", "bn_stat_loss", "available_backends", "resolve_backend", "BackendError", "BACKENDS"]
+
+BACKENDS = ("auto", "triton", "native", "torch")
+
+
+class BackendError(RuntimeError):
+    """A backend was asked for that cannot run here or on these tensors."""
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _native_importable() -> bool:
+    return importlib.util.find_spec("dearkd_fast._native") is not None
+
+
+def available_backends() -> list[str]:
+    """Backends usable on this machine: "torch" always; "triton" with CUDA or under TRITON_INTERPRET=1."""
+    names = ["torch"]
+    if _triton_importable() and (torch.cuda.is_available() or _interpreting()):
+        names.insert(0, "triton")
+    if _native_importable():
+        names.append("native")
+    return names
+
+
+def resolve_backend(backend: str, x: Tensor) -> str:
+    """The concrete backend for tensor x, or BackendError naming why the choice is impossible."""
+    if backend not in BACKENDS:
+        raise BackendError(f"unknown backend '{backend}'; choose one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        backend = os.environ.get("DEARKD_BACKEND", "auto") or "auto"
+        if backend not in BACKENDS:
+            raise BackendError(f"DEARKD_BACKEND='{backend}' is not one of {', '.join(BACKENDS)}")
+        if backend == "auto":
+            return "triton" if x.is_cuda and _triton_importable() else "torch"
+    if backend == "triton":
+        if not _triton_importable():
+            raise BackendError("backend 'triton' asked for, but triton is not installed")
+        if not x.is_cuda and not _interpreting():
+            raise BackendError(
+                f"backend 'triton' needs CUDA tensors (got {x.device}); set TRITON_INTERPRET=1 to run it on the CPU"
+            )
+    if backend == "native" and not _native_importable():
+        raise BackendError("backend 'native' asked for, but the native extension is not built")
+    return backend
+
+
+def feature_align_loss(tokens: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, *, backend: str = "auto") -> Tensor:
+    """mean over (B, N, C) of (tokens @ weight^T + bias - target_hw)^2; fp32 scalar. See reference.py."""
+    reference.check_align_shapes(tokens, weight, bias, target)
+    chosen = resolve_backend(backend, tokens)
+    if chosen == "triton":
+        from .kernels import feature_align
+
+        return feature_align.feature_align_loss(tokens, weight, bias, target)
+    if chosen == "native":
+        raise BackendError("backend 'native' has no feature_align_loss yet")
+    return reference.feature_align_loss(tokens, weight, bias, target)
+
+
+def bn_stat_loss(x: Tensor, running_mean: Tensor, running_var: Tensor, *, backend: str = "auto") -> Tensor:
+    """||mean_c(x) - running_mean||_2 + ||var_c(x) - running_var||_2 over (B,H,W); fp32 scalar. See reference.py."""
+    chosen = resolve_backend(backend, x)
+    if chosen == "triton":
+        from .kernels import bn_stat
+
+        return bn_stat.bn_stat_loss(x, running_mean, running_var)
+    if chosen == "native":
+        raise BackendError("backend 'native' has no bn_stat_loss yet")
+    return reference.bn_stat_loss(x, running_mean, running_var)
