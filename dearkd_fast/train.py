@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--teacher-lr", type=float, default=2e-3)
     m.add_argument("--teacher-taps", default=None, help="comma-separated teacher modules to align to (default: first two stages)")
     o = p.add_argument_group("optimisation")
-    o.add_argument("--epochs", type=int, default=30)
+    o.add_argument("--epochs", type=int, default=20)
     o.add_argument("--stage1-epochs", type=int, default=None, help="E1: epochs of stage 1 (default: 2/3 of --epochs)")
     o.add_argument("--batch-size", type=int, default=64)
     o.add_argument("--lr", type=float, default=1e-3)

@@ -1,0 +1,104 @@
+import math
+
+import pytest
+import timm
+import torch
+
+import dearkd_fast  # noqa: F401  (registers the models)
+from dearkd_fast.models.student import MHCA, NUM_PREFIX_TOKENS, kernel_offsets
+
+
+def small_model(**kw):
+    return timm.create_model("dearkd_tiny_patch4_32", num_classes=7, embed_dim=48, depth=3, num_heads=4, num_mhca=2,
+                             drop_path_rate=0.0, **kw)
+
+
+def test_shapes_train_and_eval():
+    m = small_model()
+    x = torch.randn(3, 3, 32, 32)
+    cls, dist, tokens = m(x)
+    assert cls.shape == dist.shape == (3, 7)
+    assert len(tokens) == 2 and all(t.shape == (3, 64, 48) for t in tokens)
+    m.eval()
+    out = m(x)
+    assert out.shape == (3, 7)
+    m.train()
+    cls, dist, _ = m(x)
+    m.eval()
+    # eval averages the two heads (dropout/drop-path are off in this small config)
+    torch.testing.assert_close(m(x), (cls + dist) / 2)
+
+
+@pytest.mark.parametrize("name,size,dim", [
+    ("dearkd_tiny_patch4_32", 32, 192),
+    ("dearkd_tiny_patch16_224", 224, 192),
+    ("dearkd_small_patch16_224", 224, 384),
+    ("dearkd_base_patch16_224", 224, 768),
+])
+def test_timm_registered(name, size, dim):
+    m = timm.create_model(name, num_classes=10)
+    assert m.embed_dim == dim and m.pretrained_cfg["input_size"] == (3, size, size)
+    assert sum(isinstance(b.attn, MHCA) for b in m.blocks) == 4
+    if size == 32:
+        m.eval()
+        assert m(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_pretrained_refused():
+    with pytest.raises(ValueError, match="no pretrained weights"):
+        timm.create_model("dearkd_tiny_patch4_32", pretrained=True)
+
+
+@pytest.mark.parametrize("heads", [3, 4, 9])
+def test_positional_attention_peaks_at_assigned_offset(heads):
+    attn = MHCA(dim=heads * 8, num_heads=heads, grid_size=(7, 7))
+    pos = attn.positional_attention()  # [H, N, N]
+    qy, qx = 3, 3  # an interior query: every offset of the kernel grid lands inside
+    i = qy * 7 + qx
+    for h, (dx, dy) in enumerate(kernel_offsets(heads)):
+        j = int(pos[h, i].argmax())
+        assert (j % 7 - qx, j // 7 - qy) == (dx, dy)
+        assert pos[h, i, j] > pos[h, i].sort(descending=True).values[1]  # a strict peak
+    assert len(set(kernel_offsets(heads))) == heads
+    # positional part dominates at initialisation
+    assert torch.all(torch.sigmoid(attn.gate_lambda) > 0.5)
+
+
+def test_prefix_tokens_get_no_positional_term():
+    torch.manual_seed(1)
+    attn = MHCA(dim=32, num_heads=4, grid_size=(4, 4)).eval()
+    x = torch.randn(2, NUM_PREFIX_TOKENS + 16, 32)
+    base = attn(x)
+    with torch.no_grad():
+        attn.v_pos.add_(torch.randn_like(attn.v_pos))
+    moved = attn(x)
+    # cls/dist rows use content attention only: unchanged when the positional vectors change
+    torch.testing.assert_close(moved[:, :NUM_PREFIX_TOKENS], base[:, :NUM_PREFIX_TOKENS])
+    assert not torch.allclose(moved[:, NUM_PREFIX_TOKENS:], base[:, NUM_PREFIX_TOKENS:])
+    # with the gate fully positional, patch rows put no weight on the cls/dist keys
+    with torch.no_grad():
+        attn.gate_lambda.fill_(60.0)
+    out = attn(x)
+    v = attn.v(x).view(2, -1, 4, 8).transpose(1, 2)
+    pos = attn.positional_attention()
+    expect = (pos.unsqueeze(0) @ v[:, :, NUM_PREFIX_TOKENS:]).transpose(1, 2).reshape(2, 16, 32)
+    torch.testing.assert_close(out[:, NUM_PREFIX_TOKENS:], attn.proj(expect), atol=1e-5, rtol=1e-5)
+
+
+def test_gradients_reach_positional_vectors_and_gates():
+    m = small_model()
+    cls, dist, tokens = m(torch.randn(2, 3, 32, 32))
+    (cls.sum() + dist.sum() + sum(t.pow(2).mean() for t in tokens)).backward()
+    for blk in m.blocks[:2]:
+        assert blk.attn.v_pos.grad is not None and blk.attn.v_pos.grad.abs().sum() > 0
+        assert blk.attn.gate_lambda.grad is not None and blk.attn.gate_lambda.grad.abs().sum() > 0
+    assert not isinstance(m.blocks[2].attn, MHCA)
+
+
+def test_tap_blocks_validated():
+    m = small_model()
+    m.set_tap_blocks([0, 2])
+    _, _, tokens = m(torch.randn(1, 3, 32, 32))
+    assert len(tokens) == 2
+    with pytest.raises(ValueError):
+        m.set_tap_blocks([5])

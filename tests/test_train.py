@@ -1,0 +1,122 @@
+"""The trainer end to end on small data, and its bad-input exits."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dearkd_fast.train import main
+from tests.conftest import write_image_folder
+
+TINY = ["--data-fraction", "0.12", "--batch-size", "32", "--teacher-epochs", "1", "--workers", "0", "--no-progress",
+        "--warmup-epochs", "0"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "out"
+    rc = main(TINY + ["--epochs", "3", "--stage1-epochs", "2", "--output", str(out)])
+    assert rc == 0
+    return out
+
+
+def test_writes_every_output_with_promised_fields(tiny_run):
+    for f in ("summary.json", "metrics.jsonl", "checkpoint.pt", "student.pt", "teacher.pt"):
+        assert (tiny_run / f).is_file(), f
+    s = json.loads((tiny_run / "summary.json").read_text())
+    for key in ("final_top1", "num_train_samples", "num_val_samples", "skipped_files", "stage_switch_epoch", "epochs",
+                "teacher_top1"):
+        assert key in s, key
+    assert s["num_val_samples"] == 360 and s["skipped_files"] == 0
+    assert s["num_train_samples"] == sum(max(1, round(0.12 * n)) for n in _digits_train_counts())
+    lines = [json.loads(l) for l in (tiny_run / "metrics.jsonl").read_text().splitlines()]
+    assert lines == s["epochs"] and len(lines) == 3
+    for rec in lines:
+        assert set(rec["train"]) >= {"loss", "ce", "lr"}
+
+
+def _digits_train_counts():
+    from dearkd_fast.data.folder import builtin_digits
+
+    train, _ = builtin_digits()
+    return [len(os.listdir(os.path.join(train, c))) for c in sorted(os.listdir(train))]
+
+
+def test_stage_switch_at_stage1_epochs(tiny_run):
+    s = json.loads((tiny_run / "summary.json").read_text())
+    assert s["stage_switch_epoch"] == 2
+    assert [r["stage"] for r in s["epochs"]] == [1, 1, 2]
+    # stage 1 has KD and alignment terms and runs the teacher; stage 2 never runs it
+    assert all({"kd", "align"} <= set(r["train"]) and r["teacher_calls"] > 0 for r in s["epochs"][:2])
+    assert "kd" not in s["epochs"][2]["train"] and s["epochs"][2]["teacher_calls"] == 0
+
+
+def test_teacher_checkpoint_is_self_contained(tiny_run):
+    from dearkd_fast.models.teacher import load_teacher
+
+    model, spec = load_teacher(str(tiny_run / "teacher.pt"))
+    assert spec.arch == "cifar_resnet8" and spec.class_names == [str(i) for i in range(10)]
+    assert spec.input_size == 32 and len(spec.mean) == 3 and spec.taps == ["layer1", "layer2"]
+    model.eval()
+    assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+
+
+def test_reuse_teacher_and_resume(tiny_run, tmp_path):
+    out = tmp_path / "b"
+    assert main(TINY + ["--epochs", "1", "--teacher-ckpt", str(tiny_run / "teacher.pt"), "--output", str(out)]) == 0
+    assert not (out / "teacher.pt").exists()  # loaded, not retrained
+    s1 = json.loads((out / "summary.json").read_text())
+    # resume the finished 1-epoch run to 2 epochs: one more record, the first kept as it was
+    assert main(TINY + ["--epochs", "2", "--stage1-epochs", "1", "--teacher-ckpt", str(tiny_run / "teacher.pt"),
+                        "--output", str(out), "--resume"]) == 0
+    s2 = json.loads((out / "summary.json").read_text())
+    assert len(s2["epochs"]) == 2 and s2["epochs"][0] == s1["epochs"][0] and s2["epochs"][1]["stage"] == 2
+
+
+def test_amp_and_soft_kd(tmp_path):
+    assert main(TINY + ["--epochs", "1", "--amp", "--distillation-type", "soft", "--tau", "2",
+                        "--align-standardize", "--output", str(tmp_path / "o")]) == 0
+    s = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert s["epochs"][0]["stage"] == 1 and s["args"]["amp"]
+
+
+def _bad(capsys, argv):
+    rc = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, err
+    assert len(err.splitlines()) == 1 and err.startswith("dearkd_fast.train: error:")
+    return err
+
+
+def test_bad_inputs_exit_2(tmp_path, capsys, tiny_run):
+    out = ["--output", str(tmp_path / "o")]
+    assert "does not exist" in _bad(capsys, ["--data", str(tmp_path / "missing")] + out)
+    (tmp_path / "empty").mkdir()
+    assert "no class folders" in _bad(capsys, ["--data", str(tmp_path / "empty")] + out)
+    root = write_image_folder(tmp_path / "d", {"a": 3, "b": 3})
+    os.makedirs(os.path.join(root, "c"))
+    err = _bad(capsys, ["--data", root] + out)
+    assert os.path.join(root, "c") in err and "no usable images" in err
+    for frac in ("0", "1.5"):
+        assert "--data-fraction" in _bad(capsys, ["--data-fraction", frac] + out)
+    assert "holds another run" in _bad(capsys, ["--output", str(tiny_run)])
+    assert "unknown student model" in _bad(capsys, ["--model", "nope"] + out)
+    assert "--bogus" in _bad(capsys, ["--bogus"] + out)
+    # a teacher trained on 10 classes does not fit a 3-class folder
+    root3 = write_image_folder(tmp_path / "d3", {"a": 4, "b": 4, "c": 4})
+    err = _bad(capsys, ["--data", root3, "--teacher-ckpt", str(tiny_run / "teacher.pt"), "--batch-size", "4",
+                        "--workers", "0"] + out)
+    assert "10 classes" in err and "3" in err
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    assert "cannot be read" in _bad(capsys, ["--teacher-ckpt", str(tmp_path / "junk.pt"), "--workers", "0"] + out)
+    assert not (tmp_path / "o" / "summary.json").exists()
+
+
+def test_process_exit_code_and_single_line(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "dearkd_fast.train", "--data", str(tmp_path / "nowhere"),
+                        "--output", str(tmp_path / "o")], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "does not exist" in r.stderr
