@@ -16,7 +16,7 @@ from torch import Tensor
 
 from . import reference
 
-__all__ = ["feature_align_loss", "bn_stat_loss", "available_backends", "resolve_backend", "BackendError", "BACKENDS"]
+__all__ = ["feature_align_loss", "bn_stat_loss", "bn_stat_losses", "available_backends", "resolve_backend", "BackendError", "BACKENDS"]
 
 BACKENDS = ("auto", "triton", "native", "torch")
 
@@ -85,11 +85,22 @@ def feature_align_loss(tokens: Tensor, weight: Tensor, bias: Tensor | None, targ
 
 def bn_stat_loss(x: Tensor, running_mean: Tensor, running_var: Tensor, *, backend: str = "auto") -> Tensor:
     """||mean_c(x) - running_mean||_2 + ||var_c(x) - running_var||_2 over (B,H,W); fp32 scalar. See reference.py."""
-    chosen = resolve_backend(backend, x)
+    return bn_stat_losses([x], [running_mean], [running_var], backend=backend)[0]
+
+
+def bn_stat_losses(xs: list[Tensor], running_means: list[Tensor], running_vars: list[Tensor], *,
+                   backend: str = "auto") -> Tensor:
+    """bn_stat_loss of many layers at once: an [L] fp32 tensor. The Triton path finalises every
+    layer's statistics together (one moments launch per layer, then a fixed handful of launches)."""
+    if not (len(xs) == len(running_means) == len(running_vars)) or not xs:
+        raise ValueError("bn_stat_losses: give one running mean and variance per input, and at least one input")
+    for x, m, v in zip(xs, running_means, running_vars):
+        reference.check_bn_shapes(x, m, v)
+    chosen = resolve_backend(backend, xs[0])
     if chosen == "triton":
         from .kernels import bn_stat
 
-        return bn_stat.bn_stat_loss(x, running_mean, running_var)
+        return bn_stat.bn_stat_losses(xs, running_means, running_vars)
     if chosen == "native":
         raise BackendError("backend 'native' has no bn_stat_loss yet")
-    return reference.bn_stat_loss(x, running_mean, running_var)
+    return reference.bn_stat_losses(xs, running_means, running_vars)

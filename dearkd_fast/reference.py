@@ -13,6 +13,8 @@ from torch import Tensor
 __all__ = [
     "feature_align_loss",
     "bn_stat_loss",
+    "bn_stat_losses",
+    "check_bn_shapes",
     "kd_hard",
     "kd_soft",
     "tv_losses",
@@ -63,11 +65,8 @@ def feature_align_loss(tokens: Tensor, weight: Tensor, bias: Tensor | None, targ
     return (proj - tgt).pow(2).mean()
 
 
-def bn_stat_loss(x: Tensor, running_mean: Tensor, running_var: Tensor) -> Tensor:
-    """||mean_c(x) - running_mean||_2 + ||var_c(x) - running_var||_2, stats over (B,H,W), biased var.
-
-    This is DeepInversion's BatchNorm-statistics feature loss for one layer. x [B,C,H,W].
-    """
+def check_bn_shapes(x: Tensor, running_mean: Tensor, running_var: Tensor) -> None:
+    """Raise ValueError unless x is [B,C,H,W] and both running statistics are [C]."""
     if x.dim() != 4:
         raise ValueError(f"bn_stat_loss: x must be [B,C,H,W], got shape {tuple(x.shape)}")
     C = x.shape[1]
@@ -76,6 +75,15 @@ def bn_stat_loss(x: Tensor, running_mean: Tensor, running_var: Tensor) -> Tensor
             f"bn_stat_loss: running stats {tuple(running_mean.shape)}/{tuple(running_var.shape)} "
             f"do not fit x with C={C}"
         )
+
+
+def bn_stat_loss(x: Tensor, running_mean: Tensor, running_var: Tensor) -> Tensor:
+    """||mean_c(x) - running_mean||_2 + ||var_c(x) - running_var||_2, stats over (B,H,W), biased var.
+
+    This is DeepInversion's BatchNorm-statistics feature loss for one layer. x [B,C,H,W].
+    """
+    check_bn_shapes(x, running_mean, running_var)
+    C = x.shape[1]
     acc = _acc_dtype(x, running_mean)
     xa = x.to(acc)
     mean = xa.mean(dim=(0, 2, 3))
@@ -83,6 +91,11 @@ def bn_stat_loss(x: Tensor, running_mean: Tensor, running_var: Tensor) -> Tensor
     return torch.linalg.vector_norm(mean - running_mean.to(acc)) + torch.linalg.vector_norm(
         var - running_var.to(acc)
     )
+
+
+def bn_stat_losses(xs: list[Tensor], running_means: list[Tensor], running_vars: list[Tensor]) -> Tensor:
+    """[L] tensor of bn_stat_loss for each layer l."""
+    return torch.stack([bn_stat_loss(x, m, v) for x, m, v in zip(xs, running_means, running_vars)])
 
 
 def kd_hard(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:

@@ -1,0 +1,70 @@
+"""ops.py: the one dispatch point."""
+import pytest
+import torch
+
+from dearkd_fast import ops
+
+
+def test_auto_picks_torch_for_cpu_tensors(monkeypatch):
+    monkeypatch.delenv("DEARKD_BACKEND", raising=False)
+    assert ops.resolve_backend("auto", torch.zeros(1)) == "torch"
+    assert "torch" in ops.available_backends()
+
+
+def test_env_forces_a_backend(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("DEARKD_BACKEND", "triton")
+    assert ops.resolve_backend("auto", torch.zeros(1)) == "triton"
+    assert "triton" in ops.available_backends()
+    monkeypatch.setenv("DEARKD_BACKEND", "torch")
+    assert ops.resolve_backend("auto", torch.zeros(1)) == "torch"
+    monkeypatch.setenv("DEARKD_BACKEND", "bogus")
+    with pytest.raises(ops.BackendError, match="bogus"):
+        ops.resolve_backend("auto", torch.zeros(1))
+
+
+def test_explicit_argument_beats_env(monkeypatch):
+    monkeypatch.setenv("DEARKD_BACKEND", "triton")
+    assert ops.resolve_backend("torch", torch.zeros(1)) == "torch"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error; this machine has CUDA")
+def test_triton_on_cpu_outside_interpreter_is_an_error(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert "triton" not in ops.available_backends()
+    x = torch.randn(2, 3, 4, 4)
+    with pytest.raises(ops.BackendError, match="CUDA"):
+        ops.bn_stat_loss(x, torch.zeros(3), torch.ones(3), backend="triton")
+    with pytest.raises(ops.BackendError, match="CUDA"):
+        ops.feature_align_loss(torch.randn(1, 4, 2), torch.randn(3, 2), None, torch.randn(1, 3, 2, 2), backend="triton")
+
+
+def test_unknown_and_unbuilt_backends():
+    with pytest.raises(ops.BackendError, match="unknown backend"):
+        ops.bn_stat_loss(torch.randn(2, 3, 4, 4), torch.zeros(3), torch.ones(3), backend="cuda")
+    with pytest.raises(ops.BackendError, match="native"):
+        ops.bn_stat_loss(torch.randn(2, 3, 4, 4), torch.zeros(3), torch.ones(3), backend="native")
+
+
+def test_shape_errors_before_dispatch():
+    with pytest.raises(ValueError, match="do not fit"):
+        ops.bn_stat_loss(torch.randn(2, 3, 4, 4), torch.zeros(4), torch.ones(3))
+    with pytest.raises(ValueError, match="does not fit"):
+        ops.feature_align_loss(torch.randn(1, 4, 2), torch.randn(3, 2), None, torch.randn(1, 3, 2, 3))
+
+
+def test_dearkd_loss_goes_through_ops(monkeypatch):
+    """DearKDLoss reaches the kernels only through ops.feature_align_loss."""
+    import dearkd_fast.losses as losses
+
+    calls = []
+    real = ops.feature_align_loss
+    monkeypatch.setattr(losses.ops, "feature_align_loss", lambda *a, **k: calls.append(k) or real(*a, **k))
+    from tests.test_losses import make_student, make_teacher
+
+    teacher, student = make_teacher(), make_student()
+    crit = losses.DearKDLoss(torch.nn.CrossEntropyLoss(), teacher, embed_dim=student.embed_dim,
+                             grid_size=student.grid_size, num_align=student.num_mhca, backend="torch")
+    x = torch.randn(2, 3, 32, 32)
+    crit(x, student(x), torch.tensor([0, 1]))
+    assert calls == [{"backend": "torch"}] * 2
