@@ -120,3 +120,12 @@ def test_process_exit_code_and_single_line(tmp_path):
                        env={**os.environ, "PYTHONPATH": os.getcwd()})
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "does not exist" in r.stderr
+
+
+def test_readme_lists_every_flag():
+    from dearkd_fast.train import build_parser
+
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    flags = [o for a in build_parser()._actions for o in a.option_strings if o.startswith("--") and o != "--help"]
+    missing = [f for f in flags if f"`{f}`" not in readme]
+    assert not missing, f"README lacks {missing}"

@@ -1,0 +1,118 @@
+"""Benchmark cases shared by the pytest-benchmark suites and gpu_check.py.
+
+Each case is a forward+backward closure over fixed inputs plus the fewest bytes it must move
+(each input read once per pass, each output written once), so GB/s can be reported.
+Variants: "eager" (reference.py, fp32 math), "compiled" (torch.compile of the reference),
+"deepinversion" (the public DeepInversion hook's way: mean + permute/contiguous/view/var),
+"triton" (dearkd_fast.ops, backend="triton").
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from dearkd_fast import ops, reference
+
+GPU = torch.cuda.is_available()
+DEV = "cuda" if GPU else "cpu"
+BF16 = torch.bfloat16
+
+# shapes of record on a GPU; CPU runs use smaller shapes of the same form (the 2-core machine)
+BN_SHAPE = (256, 64, 56, 56) if GPU else (16, 64, 28, 28)
+ALIGN_SHAPE = dict(B=256, N=196, D=384, C=256) if GPU else dict(B=8, N=196, D=384, C=256)
+RESNET50_BATCH, RESNET50_SIZE = (84, 224) if GPU else (2, 64)
+
+
+def deepinversion_bn_loss(x, rm, rv):
+    """The public DeepInversion hook's arithmetic: mean over (0,2,3), var via a permuted contiguous copy."""
+    C = x.shape[1]
+    mean = x.mean([0, 2, 3])
+    var = x.permute(1, 0, 2, 3).contiguous().view([C, -1]).var(1, unbiased=False)
+    return torch.norm(rv - var, 2) + torch.norm(rm - mean, 2)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(fn):
+    return torch.compile(fn)
+
+
+def _bn_fn(variant):
+    if variant == "eager":
+        return lambda xs, rms, rvs: sum(reference.bn_stat_loss(x, m, v) for x, m, v in zip(xs, rms, rvs))
+    if variant == "deepinversion":
+        return lambda xs, rms, rvs: sum(deepinversion_bn_loss(x, m, v) for x, m, v in zip(xs, rms, rvs))
+    if variant == "compiled":
+        return _compiled(_bn_fn("eager"))
+    if variant == "triton":
+        return lambda xs, rms, rvs: ops.bn_stat_losses(xs, rms, rvs, backend="triton").sum()
+    raise ValueError(variant)
+
+
+def resnet50_bn_shapes(batch: int, size: int) -> list[tuple[int, ...]]:
+    """Input shapes of every BatchNorm2d of timm's resnet50 (found on the meta device)."""
+    import timm
+
+    with torch.device("meta"):
+        model = timm.create_model("resnet50")
+        shapes = []
+        hooks = [m.register_forward_pre_hook(lambda m, a: shapes.append(tuple(a[0].shape)))
+                 for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        model(torch.empty(batch, 3, size, size))
+    for h in hooks:
+        h.remove()
+    return shapes
+
+
+def bn_case(variant: str, shapes: list[tuple[int, ...]], dtype=BF16, channels_last: bool = False):
+    """fwd+bwd of the summed BN-statistics loss over layers of the given input shapes."""
+    g = torch.Generator(device=DEV).manual_seed(0)
+    xs, rms, rvs = [], [], []
+    for s in shapes:
+        x = torch.randn(s, device=DEV, generator=g).to(dtype)
+        if channels_last:
+            x = x.to(memory_format=torch.channels_last)
+        xs.append(x.requires_grad_())
+        rms.append(torch.randn(s[1], device=DEV, generator=g))
+        rvs.append(torch.rand(s[1], device=DEV, generator=g) + 0.5)
+    fn = _bn_fn(variant)
+
+    def run():
+        for x in xs:
+            x.grad = None
+        fn(xs, rms, rvs).backward()
+
+    nbytes = sum(3 * x.numel() * x.element_size() for x in xs)  # read x (fwd), read x + write dx (bwd)
+    return run, nbytes
+
+
+def align_case(variant: str, B: int, N: int, D: int, C: int, dtype=BF16):
+    """fwd+bwd of the feature-alignment loss on strided patch tokens and a channels_last target."""
+    g = torch.Generator(device=DEV).manual_seed(0)
+    side = int(round(N**0.5))
+    base = torch.randn(B, N + 2, D, device=DEV, generator=g).to(dtype).requires_grad_()
+    weight = (torch.randn(C, D, device=DEV, generator=g) / D**0.5).requires_grad_()
+    bias = torch.zeros(C, device=DEV).requires_grad_()
+    target = torch.randn(B, C, side, side, device=DEV, generator=g).to(dtype).to(memory_format=torch.channels_last)
+    if variant == "triton":
+        fn = functools.partial(ops.feature_align_loss, backend="triton")
+    elif variant == "eager":
+        fn = reference.feature_align_loss
+    elif variant == "compiled":
+        fn = _compiled(reference.feature_align_loss)
+    else:
+        raise ValueError(variant)
+
+    def run():
+        for t in (base, weight, bias):
+            t.grad = None
+        with torch.autocast(DEV, dtype=BF16, enabled=dtype == BF16):
+            fn(base[:, 2:], weight, bias, target).backward()
+
+    e = base.element_size()
+    nbytes = (2 * B * N * D + 2 * B * N * C) * e + B * N * D * e  # tokens + target twice, dtokens once
+    return run, nbytes
+
+
+BN_VARIANTS = ["eager", "deepinversion", "compiled", "triton"]
+ALIGN_VARIANTS = ["eager", "compiled", "triton"]
