@@ -24,7 +24,7 @@ from torch import Tensor
 
 __all__ = ["feature_align_loss"]
 
-BLOCK_M, BLOCK_C, BLOCK_K, BLOCK_D = 64, 64, 32, 64
+BLOCK_M, BLOCK_C, BLOCK_K, BLOCK_D = 64, 64, 32, 128
 
 
 @triton.jit
