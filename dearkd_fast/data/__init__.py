@@ -49,6 +49,8 @@ class DataBundle:
     name: str
     num_train: int
     num_val: int
+    train_files: list[tuple[str, int]] = field(default_factory=list)
+    val_files: list[tuple[str, int]] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     empty_classes: list[str] = field(default_factory=list)
 
@@ -97,7 +99,8 @@ def build_data(cfg: DataConfig) -> DataBundle:
 
         common = dict(size=cfg.input_size, mean=cfg.mean, std=cfg.std, device=device, workers=cfg.workers,
                       seed=cfg.seed, rank=cfg.rank, world_size=cfg.world_size, fp16=cfg.amp and device.type == "cuda")
-        train = build_dali_loader(train_samples, batch_size=cfg.batch_size, train=True, pad_crop=pad_crop, hflip=hflip, **common)
+        train = build_dali_loader(train_samples, batch_size=cfg.batch_size, train=True, pad_crop=pad_crop, hflip=hflip,
+                                  randaug=cfg.randaug, **common)
         val = build_dali_loader(val_samples, batch_size=ebs, train=False, crop_pct=cfg.crop_pct, **common)
     elif cfg.backend == "torch":
         pin = device.type == "cuda"
@@ -110,4 +113,4 @@ def build_data(cfg: DataConfig) -> DataBundle:
     else:
         raise DataError(f"unknown data backend '{cfg.backend}' (torch or dali)")
     return DataBundle(train=train, val=val, classes=scan.classes, name=name, num_train=len(train_samples),
-                      num_val=len(val_samples), skipped=skipped, empty_classes=scan.empty_classes)
+                      num_val=len(val_samples), train_files=train_samples, val_files=val_samples, skipped=skipped, empty_classes=scan.empty_classes)

@@ -8,7 +8,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms as T
 
-__all__ = ["ImageListDataset", "train_transform", "eval_transform", "build_torch_loader", "ShardSampler"]
+__all__ = ["ImageListDataset", "train_transform", "eval_transform", "build_torch_loader", "ShardSampler", "shard_bounds"]
 
 
 class ImageListDataset(Dataset):
@@ -50,11 +50,16 @@ def eval_transform(size: int, mean, std, crop_pct: float = 1.0):
     ])
 
 
+def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Shard `rank` of `world_size` holds indices [rank*n//W, (rank+1)*n//W) (DALI's reader shards so too)."""
+    return rank * n // world_size, (rank + 1) * n // world_size
+
+
 class ShardSampler(Sampler[int]):
     """Contiguous shard `rank` of `world_size` over the indices, each index in exactly one shard."""
 
     def __init__(self, n: int, rank: int = 0, world_size: int = 1):
-        self.indices = list(range(n))[rank::world_size]
+        self.indices = list(range(*shard_bounds(n, rank, world_size)))
 
     def __iter__(self):
         return iter(self.indices)

@@ -1,0 +1,180 @@
+"""Input pipeline: both backends behind one interface, scanning, subsets, bad files."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dearkd_fast.data import DataConfig, build_data
+from dearkd_fast.data import folder as folder_mod
+from dearkd_fast.data.folder import DataError, balanced_subset, scan_image_folder
+from dearkd_fast.train import main
+from tests.conftest import write_image_folder
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+BACKENDS = ["torch", "dali"]
+
+
+def id_folder(root, per_class=(4, 5, 3)):
+    """Solid-grey PNGs (lossless) whose grey level encodes a unique image id: 8 * id + 4."""
+    ids = {}
+    k = 0
+    for c, n in enumerate(per_class):
+        os.makedirs(os.path.join(root, f"class{c}"), exist_ok=True)
+        for i in range(n):
+            Image.new("RGB", (40, 36), (8 * k + 4,) * 3).save(os.path.join(root, f"class{c}", f"{i}.png"))
+            ids[k] = c
+            k += 1
+    return str(root), ids
+
+
+def decode_ids(x):
+    """Recover image ids from normalised solid images."""
+    x = x.float()
+    grey = (x[:, 0] * STD[0] + MEAN[0]) * 255  # [B,H,W]
+    return [int(round((float(g.mean()) - 4) / 8)) for g in grey]
+
+
+def cfg(root, backend, **kw):
+    base = dict(data=root, val_data=root, input_size=32, batch_size=4, workers=1, backend=backend, progress=False)
+    return DataConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_eval_covers_every_image_once(tmp_path, backend, world_size):
+    root, ids = id_folder(tmp_path / "d")
+    seen = []
+    for rank in range(world_size):
+        data = build_data(cfg(root, backend, eval_batch_size=5, rank=rank, world_size=world_size))
+        n = 0
+        for x, y in data.val:
+            got = decode_ids(x)
+            assert [ids[i] for i in got] == y.tolist()  # labels match the class folders
+            seen += got
+            n += len(got)
+        assert len(data.val) == -(-n // 5)  # the loader's len is its real number of batches
+    assert sorted(seen) == sorted(ids)  # every image exactly once across the shards
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_train_batches_shapes_dtypes_ranges(tmp_path, backend):
+    root = write_image_folder(tmp_path / "d", {"a": 6, "b": 6}, size=(45, 37))
+    data = build_data(cfg(root, backend, pad_crop=False, hflip=0.5))
+    assert data.classes == ["a", "b"] and data.num_train == 12
+    batches = list(data.train)
+    assert len(batches) == len(data.train) == 3
+    lo = min((0 - m) / s for m, s in zip(MEAN, STD))
+    hi = max((1 - m) / s for m, s in zip(MEAN, STD))
+    for x, y in batches:
+        assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32
+        assert y.dtype == torch.int64 and set(y.tolist()) <= {0, 1}
+        assert lo - 0.05 <= x.min() and x.max() <= hi + 0.05
+        assert x.std() > 0.1  # real pixel data, not a constant
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_pad_crop_train_path(tmp_path, backend):
+    root = write_image_folder(tmp_path / "d", {"a": 4, "b": 4})
+    data = build_data(cfg(root, backend, pad_crop=True))
+    x, y = next(iter(data.train))
+    assert x.shape == (4, 3, 32, 32)
+
+
+def test_subsets_balanced_identical_and_stable(tmp_path):
+    root = write_image_folder(tmp_path / "d", {"a": 10, "b": 20, "c": 5})
+    lists = {b: build_data(cfg(root, b, data_fraction=0.4, val_data=None, seed=3)).train_files for b in BACKENDS}
+    assert lists["torch"] == lists["dali"]
+    again = build_data(cfg(root, "torch", data_fraction=0.4, val_data=None, seed=3)).train_files
+    assert again == lists["torch"]
+    other = build_data(cfg(root, "torch", data_fraction=0.4, val_data=None, seed=4)).train_files
+    assert other != again
+    samples = scan_image_folder(root).samples
+    sub = balanced_subset(samples, 0.4, 0)
+    counts = np.bincount([c for _, c in sub])
+    assert counts.tolist() == [4, 8, 2]
+
+
+def test_scan_manifest_skips_rechecking(tmp_path, monkeypatch):
+    root = write_image_folder(tmp_path / "d", {"a": 3, "b": 3})
+    scan_image_folder(root)
+    calls = []
+    real = folder_mod._decodes
+    monkeypatch.setattr(folder_mod, "_decodes", lambda p: calls.append(p) or real(p))
+    scan_image_folder(root)
+    assert calls == []
+    with Image.open(os.path.join(root, "a", "000.jpg")) as im:  # a changed file is checked again
+        im.rotate(90).save(os.path.join(root, "a", "000.jpg"))
+    scan_image_folder(root)
+    assert calls == [os.path.join(root, "a", "000.jpg")]
+
+
+def mixed_folder(root):
+    """A truncated JPEG, a PNG, a grayscale JPEG and a CMYK JPEG among good images."""
+    root = write_image_folder(root, {"a": 4, "b": 4})
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(os.path.join(root, "a", "png.png"))
+    Image.fromarray(rng.integers(0, 255, (32, 32), dtype=np.uint8), mode="L").save(os.path.join(root, "b", "gray.jpg"))
+    Image.fromarray(rng.integers(0, 255, (32, 32, 4), dtype=np.uint8), mode="CMYK").save(os.path.join(root, "b", "cmyk.jpg"))
+    good = open(os.path.join(root, "a", "001.jpg"), "rb").read()
+    with open(os.path.join(root, "a", "truncated.jpg"), "wb") as f:
+        f.write(good[: len(good) // 2])
+    return root
+
+
+def test_scan_reports_bad_file(tmp_path):
+    scan = scan_image_folder(mixed_folder(tmp_path / "d"))
+    assert [os.path.basename(p) for p in scan.skipped] == ["truncated.jpg"]
+    assert len(scan.samples) == 11
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_training_runs_through_bad_files(tmp_path, backend):
+    root = mixed_folder(tmp_path / "d")
+    out = tmp_path / "o"
+    argv = ["--data", root, "--val-data", root, "--epochs", "2", "--stage1-epochs", "1", "--teacher-epochs", "1",
+            "--batch-size", "4", "--workers", "1", "--no-progress", "--output", str(out)]
+    assert main(argv + (["--dali"] if backend == "dali" else [])) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["skipped_files"] == 2  # the truncated file, once in --data and once in --val-data
+    assert s["num_val_samples"] == 11 and len(s["epochs"]) == 2
+
+
+def test_empty_class_exit_2_unless_allowed(tmp_path, capsys):
+    root = write_image_folder(tmp_path / "d", {"a": 4, "b": 4})
+    os.makedirs(os.path.join(root, "empty"))
+    out = tmp_path / "o"
+    argv = ["--data", root, "--epochs", "1", "--teacher-epochs", "1", "--batch-size", "2", "--workers", "0",
+            "--no-progress", "--output", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert os.path.join(root, "empty") in err and "--allow-empty-classes" in err and err.count("\n") == 1
+    assert main(argv + ["--allow-empty-classes"]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["empty_classes"] == ["empty"] and s["num_classes"] == 3
+
+
+def test_main_job_amp_dali_on_digits(tmp_path):
+    out = tmp_path / "o"
+    assert main(["--amp", "--dali", "--data-fraction", "0.12", "--epochs", "2", "--teacher-epochs", "1",
+                 "--no-progress", "--output", str(out)]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["num_val_samples"] == 360 and s["args"]["dali"] and s["args"]["amp"]
+
+
+def test_missing_dali_is_a_clear_error(monkeypatch, tmp_path):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_dali(name, *a, **k):
+        if name.startswith("nvidia.dali"):
+            raise ImportError(name)
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_dali)
+    root = write_image_folder(tmp_path / "d", {"a": 2, "b": 2})
+    with pytest.raises(DataError, match="--dali needs NVIDIA DALI"):
+        build_data(cfg(root, "dali"))
