@@ -9,10 +9,15 @@ Variants: "eager" (reference.py, fp32 math), "compiled" (torch.compile of the re
 from __future__ import annotations
 
 import functools
+import os
 
+import numpy as np
 import torch
+from PIL import Image
 
 from dearkd_fast import ops, reference
+from dearkd_fast.data import DataConfig, build_data
+from dearkd_fast.data.folder import cache_root
 
 GPU = torch.cuda.is_available()
 DEV = "cuda" if GPU else "cpu"
@@ -116,3 +121,32 @@ def align_case(variant: str, B: int, N: int, D: int, C: int, dtype=BF16):
 
 BN_VARIANTS = ["eager", "deepinversion", "compiled", "triton"]
 ALIGN_VARIANTS = ["eager", "compiled", "triton"]
+
+
+# ---- input pipeline
+THREADS = int(os.environ.get("DEARKD_BENCH_THREADS", min(4, os.cpu_count() or 1)))
+
+
+def imagenet_sized_folder(n_per_class=50, classes=4) -> str:
+    root = os.path.join(cache_root(), "bench_500x375")
+    if not os.path.isfile(os.path.join(root, ".complete")):
+        rng = np.random.default_rng(0)
+        for c in range(classes):
+            os.makedirs(os.path.join(root, f"c{c}"), exist_ok=True)
+            for i in range(n_per_class):
+                # smooth random images compress like photographs, unlike white noise
+                small = rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)
+                Image.fromarray(small).resize((500, 375), Image.BICUBIC).save(
+                    os.path.join(root, f"c{c}", f"{i}.jpg"), quality=90)
+        open(os.path.join(root, ".complete"), "w").close()
+    return root
+
+
+def data_loader(root, val_root, backend, size, train, fraction=1.0):
+    cfg = DataConfig(data=root, val_data=val_root, input_size=size, batch_size=64, workers=THREADS, backend=backend,
+                     device=DEV, progress=False, pad_crop=False, hflip=0.5, crop_pct=0.875 if size > 64 else 1.0,
+                     data_fraction=fraction)
+    data = build_data(cfg)
+    return (data.train, data.num_train) if train else (data.val, data.num_val)
+
+

@@ -13,7 +13,7 @@ import triton.testing
 
 sys.path.insert(0, os.path.dirname(__file__))
 from cases import (ALIGN_SHAPE, ALIGN_VARIANTS, BN_SHAPE, BN_VARIANTS, RESNET50_BATCH, RESNET50_SIZE,  # noqa: E402
-                   align_case, bn_case, resnet50_bn_shapes)
+                   THREADS, align_case, bn_case, data_loader, imagenet_sized_folder, resnet50_bn_shapes)
 
 from dearkd_fast import ops, reference  # noqa: E402
 
@@ -72,6 +72,32 @@ def correctness() -> list[str]:
     return lines
 
 
+def loader_rows() -> list[str]:
+    """Images/s of the torchvision DataLoader vs DALI (GPU "mixed" decode), same CPU threads, 224 px."""
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return ["## input pipeline", "", "DALI is not installed on this machine: loader figures skipped."]
+    rows = ["## input pipeline (500x375 JPEG -> 224 px, %d CPU threads)" % THREADS, "",
+            "| transform | torchvision img/s | DALI mixed img/s | DALI / torchvision |", "|---|---|---|---|"]
+    root = imagenet_sized_folder()
+    for mode in ("train", "eval"):
+        rate = {}
+        for backend in ("torch", "dali"):
+            loader, _ = data_loader(root, root, backend, 224, mode == "train")
+            for _ in loader:  # warm-up epoch
+                pass
+            torch.cuda.synchronize()
+            t0, n = time.perf_counter(), 0
+            for _ in range(3):
+                for x, _y in loader:
+                    n += x.shape[0]
+            torch.cuda.synchronize()
+            rate[backend] = n / (time.perf_counter() - t0)
+        rows.append(f"| {mode} | {rate['torch']:.0f} | {rate['dali']:.0f} | {rate['dali'] / rate['torch']:.2f} |")
+    return rows
+
+
 def main() -> int:
     out = sys.argv[1] if len(sys.argv) > 1 else "."
     t0 = time.time()
@@ -109,7 +135,7 @@ def main() -> int:
             sp = lambda k: f"{times[k][0] / t:.2f}" if k in times else "-"  # noqa: E731
             rows.append(f"| {title} | {v} | {t:.3f} | {gbs:.0f} | {100 * gbs / bw:.0f}% | {sp('eager')} | "
                         f"{sp('compiled')} | {sp('deepinversion')} | {peak:.0f} |")
-    text = "\n".join(header + ["## timings (triton.testing.do_bench median)", ""] + rows +
+    text = "\n".join(header + ["## timings (triton.testing.do_bench median)", ""] + rows + [""] + loader_rows() +
                      ["", f"total {time.time() - t0:.0f} s"]) + "\n"
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "gpu_check.md"), "w") as fh:
