@@ -129,3 +129,12 @@ def test_readme_lists_every_flag():
     flags = [o for a in build_parser()._actions for o in a.option_strings if o.startswith("--") and o != "--help"]
     missing = [f for f in flags if f"`{f}`" not in readme]
     assert not missing, f"README lacks {missing}"
+
+
+def test_compile_and_amp_end_to_end(tmp_path):
+    """--compile (torch.compile of the student) trains through both stages with --amp (slow: one compile)."""
+    out = tmp_path / "c"
+    assert main(TINY + ["--epochs", "2", "--stage1-epochs", "1", "--compile", "--amp", "--output", str(out)]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert [r["stage"] for r in s["epochs"]] == [1, 2] and s["args"]["compile"]
+    assert all(torch.isfinite(torch.tensor(r["train"]["loss"])) for r in s["epochs"])
