@@ -82,6 +82,12 @@ def _strides(x: Tensor) -> tuple[int, int, int]:
     return x.stride(0), x.stride(1), x.stride(3) if W > 1 else x.stride(2)
 
 
+def _per_channel(values: list, xs: List[Tensor], dtype: torch.dtype) -> Tensor:
+    """values[l] repeated over layer l's channels, built on the host and sent in one copy."""
+    host = torch.tensor(values, dtype=dtype).repeat_interleave(torch.tensor([x.shape[1] for x in xs]))
+    return host.to(xs[0].device, non_blocking=True)
+
+
 def _split(rows: int, block_r: int, c_tiles: int, device: torch.device) -> int:
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
     return max(1, min(triton.cdiv(rows, block_r), triton.cdiv(4 * sms, c_tiles)))
@@ -108,7 +114,7 @@ def bn_moments(xs: List[Tensor]) -> List[Tensor]:
         _moments_kernel[(s, triton.cdiv(C, bc))](x, shift, part, rows, C, x.shape[2] * x.shape[3], col0, total_c,
                                                   *_strides(x), BLOCK_R=br, BLOCK_C=bc)
         col0 += C
-    n = torch.cat([torch.full((x.shape[1],), float(x.shape[0] * x.shape[2] * x.shape[3]), device=device) for x in xs])
+    n = _per_channel([float(x.shape[0] * x.shape[2] * x.shape[3]) for x in xs], xs, torch.float32)
     sums = part.sum(0)
     d_mean = sums[0] / n
     mean = torch.cat(shifts) + d_mean
@@ -165,7 +171,7 @@ def bn_stat_losses(xs: List[Tensor], running_means: List[Tensor], running_vars: 
     mean, var = bn_moments(list(xs))
     rm = torch.cat([r.float() for r in running_means])
     rv = torch.cat([r.float() for r in running_vars])
-    seg = torch.cat([torch.full((x.shape[1],), i, device=mean.device, dtype=torch.long) for i, x in enumerate(xs)])
+    seg = _per_channel(list(range(len(xs))), xs, torch.long)
     sq = torch.stack([(mean - rm).pow(2), (var - rv).pow(2)])  # [2, total_C]
     per_layer = torch.zeros((2, len(xs)), device=mean.device, dtype=torch.float32).index_add_(1, seg, sq)
     # sqrt with a zero gradient at zero (a layer whose statistics already match exactly)
