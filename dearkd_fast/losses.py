@@ -18,7 +18,7 @@ from torch import Tensor
 from . import ops, reference
 from .models.teacher import Teacher
 
-__all__ = ["DearKDLoss", "SupervisedLoss", "resize_to_grid", "align_pairing"]
+__all__ = ["DearKDLoss", "SupervisedLoss", "DeepInversionHook", "resize_to_grid", "align_pairing"]
 
 
 def resize_to_grid(feat: Tensor, grid: tuple[int, int]) -> Tensor:
@@ -159,3 +159,26 @@ class SupervisedLoss(nn.Module):
         loss = self.base_criterion(outputs, labels)
         self.last_terms = {"loss": loss.detach()}
         return loss
+
+
+class DeepInversionHook:
+    """Drop-in for the public DeepInversion BatchNorm feature hook, computed through ops.bn_stat_loss.
+
+    Register on a BatchNorm2d; after each forward, `.r_feature` holds
+    ||mean_c(x) - running_mean||_2 + ||var_c(x) - running_var||_2 of the layer's input x
+    (stats over (B,H,W), biased variance). `.close()` removes the hook.
+    """
+
+    def __init__(self, module: nn.Module, backend: str = "auto"):
+        if not isinstance(module, nn.modules.batchnorm._BatchNorm) or module.running_mean is None:
+            raise ValueError(f"DeepInversionHook needs a BatchNorm layer with running statistics, got {type(module).__name__}")
+        self.module = module
+        self.backend = backend
+        self.r_feature: Tensor | None = None
+        self.hook = module.register_forward_hook(self.hook_fn)
+
+    def hook_fn(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+        self.r_feature = ops.bn_stat_loss(inputs[0], module.running_mean, module.running_var, backend=self.backend)
+
+    def close(self) -> None:
+        self.hook.remove()
