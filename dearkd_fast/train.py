@@ -20,26 +20,18 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from . import engine, ops
+from .cli import Parser, UsageError, check_output, pick_device, run_cli
 from .checkpoint import atomic_save, atomic_write_json, load_checkpoint, rng_state, set_rng_state
-from .data import DataConfig, DataError, build_data
+from .data import DataConfig, build_data
 from .losses import DearKDLoss, SupervisedLoss
-from .models.teacher import Teacher, TeacherCheckpointError, TeacherSpec, create_teacher_model, load_teacher, save_teacher
+from .models.teacher import Teacher, TeacherSpec, create_teacher_model, load_teacher, save_teacher
 
 PROG = "dearkd_fast.train"
 RUN_FILES = ("summary.json", "metrics.jsonl", "checkpoint.pt", "student.pt")
 
 
-class UsageError(ValueError):
-    """A bad flag or flag combination: one line, exit 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, exit 2 (argparse prints the whole usage otherwise)
-        raise UsageError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=f"python -m {PROG}", description=__doc__.split("\n\n")[0],
+    p = Parser(prog=f"python -m {PROG}", description=__doc__.split("\n\n")[0],
                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     d = p.add_argument_group("data")
     d.add_argument("--data", default="digits", help="ImageFolder root, 'digits' (built in), or 'cifar10[:TARBALL_DIR]'")
@@ -108,23 +100,12 @@ def validate(args: argparse.Namespace) -> None:
         raise UsageError("stage 1 needs a teacher: give --teacher-ckpt or --teacher-epochs >= 1")
     if not timm.is_model(args.model):
         raise UsageError(f"unknown student model '{args.model}'")
-    if args.resume and args.overwrite:
-        raise UsageError("--resume and --overwrite exclude each other")
     if args.output is None:
         args.output = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
-    existing = [f for f in RUN_FILES if os.path.exists(os.path.join(args.output, f))]
-    if os.path.exists(args.output) and not os.path.isdir(args.output):
-        raise UsageError(f"--output '{args.output}' is a file")
-    if existing and not (args.resume or args.overwrite):
-        raise UsageError(f"output folder '{args.output}' holds another run ({existing[0]}); pass --resume or --overwrite")
-    if args.resume and not os.path.isfile(os.path.join(args.output, "checkpoint.pt")):
-        raise UsageError(f"--resume: no checkpoint.pt in '{args.output}'")
+    check_output(args.output, RUN_FILES, args.resume, args.overwrite, "checkpoint.pt")
     if args.teacher_ckpt is not None and not os.path.isfile(args.teacher_ckpt):
         raise UsageError(f"--teacher-ckpt '{args.teacher_ckpt}' does not exist")
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {args.device}: CUDA is not available on this machine")
+    args.device = pick_device(args.device)
 
 
 def seed_everything(seed: int) -> None:
@@ -340,22 +321,7 @@ def print_table(s: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-        validate(args)
-        run(args)
-        return 0
-    except (UsageError, DataError, TeacherCheckpointError, ops.BackendError) as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
-    except Exception as e:  # noqa: BLE001 - a run-time failure: one line, exit 1 (traceback with DEARKD_DEBUG=1)
-        if os.environ.get("DEARKD_DEBUG"):
-            raise
-        print(f"{PROG}: failed: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
+    return run_cli(PROG, build_parser(), validate, run, argv)
 
 
 if __name__ == "__main__":

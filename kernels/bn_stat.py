@@ -11,7 +11,7 @@ per layer writes into one shared partial buffer, then a single finalize and a si
 norm over all layers' channels, instead of about ten small launches per layer.
 """
 import os
-from typing import List, Optional
+from typing import List
 
 import torch
 import triton

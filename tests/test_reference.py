@@ -10,7 +10,7 @@ def np_align(T, W, b, F):
     """mean over (b, n, c) of (sum_d T[b,n,d] W[c,d] + b[c] - F[b, c, n // w, n % w])^2, in float64."""
     T, W, F = (np.asarray(a, dtype=np.float64) for a in (T, W, F))
     B, N, D = T.shape
-    C, h, w = F.shape[1], F.shape[2], F.shape[3]
+    C, w = F.shape[1], F.shape[3]
     total = 0.0
     for bi in range(B):
         for n in range(N):

@@ -13,7 +13,6 @@ dominates at the start (ConViT's gated positional self-attention).
 from __future__ import annotations
 
 import math
-from functools import partial
 
 import torch
 import torch.nn as nn
