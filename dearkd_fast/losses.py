@@ -1,4 +1,4 @@
-"""DearKD's stage-aware loss (and, for the data-free path, DeepInversion's).
+"""DearKD's stage-aware loss and, for the data-free path, DeepInversion's objective.
 
 Stage 1:  L1 = (1 - alpha) CE(cls, y) + alpha KD(dist, teacher) + beta * sum_pairs L_align
 Stage 2:  L2 = 0.5 CE(cls, y) + 0.5 CE(dist, y)          (the teacher is not run)
@@ -18,7 +18,7 @@ from torch import Tensor
 from . import ops, reference
 from .models.teacher import Teacher
 
-__all__ = ["DearKDLoss", "SupervisedLoss", "DeepInversionHook", "resize_to_grid", "align_pairing"]
+__all__ = ["DearKDLoss", "SupervisedLoss", "DeepInversionHook", "DeepInversionLoss", "js_divergence", "penultimate", "resize_to_grid", "align_pairing"]
 
 
 def resize_to_grid(feat: Tensor, grid: tuple[int, int]) -> Tensor:
@@ -182,3 +182,110 @@ class DeepInversionHook:
 
     def close(self) -> None:
         self.hook.remove()
+
+
+def _classifier(model: nn.Module) -> nn.Module:
+    """The final linear layer (its input is the penultimate feature): timm get_classifier(), else fc/head."""
+    if hasattr(model, "get_classifier"):
+        head = model.get_classifier()
+        if isinstance(head, nn.Module) and not isinstance(head, nn.Identity):
+            return head
+    for name in ("fc", "head", "classifier"):
+        m = getattr(model, name, None)
+        if isinstance(m, nn.Sequential):
+            m = m[-1]
+        if isinstance(m, nn.Linear):
+            return m
+    raise ValueError(f"cannot find the classifier of {type(model).__name__} for penultimate features")
+
+
+def penultimate(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+    """(logits, penultimate features) of one forward: the classifier's input, caught by a hook."""
+    feats: list[Tensor] = []
+    handle = _classifier(model).register_forward_pre_hook(lambda m, a: feats.append(a[0]))
+    try:
+        logits = model(x)
+    finally:
+        handle.remove()
+    return logits, feats[-1]
+
+
+def js_divergence(p_logits: Tensor, q_logits: Tensor) -> Tensor:
+    """Jensen-Shannon divergence between softmax(p) and softmax(q), batch mean (natural log)."""
+    p, q = p_logits.float().softmax(1), q_logits.float().softmax(1)
+    m = (0.5 * (p + q)).clamp_min(1e-12).log()
+    return 0.5 * (F.kl_div(m, p, reduction="batchmean") + F.kl_div(m, q, reduction="batchmean"))
+
+
+class DeepInversionLoss(nn.Module):
+    """DeepInversion's objective with the boundary-preserving intra-divergence term (our formulation):
+
+        CE(T(x~), y) + r_bn * sum_l w_l L_bn_l(x~) + tv_l2 TV2(x~) + tv_l1 TV1(x~) + l2 ||x~||_2
+          + bpid * L_BPID + adi * (1 - JS(T(x~), S(x~)))
+
+    with w_1 = first_bn_mult and w_l = 1 after it. The BN terms of every BatchNorm2d of the teacher
+    are computed together through ops.bn_stat_losses from the layers' inputs. `last_terms` holds
+    each term after a call; `last_logits` and `last_features` the teacher's outputs.
+    """
+
+    def __init__(self, teacher: nn.Module, *, r_bn: float = 0.01, first_bn_mult: float = 10.0, tv_l2: float = 1e-4,
+                 tv_l1: float = 0.0, l2: float = 1e-5, bpid: float = 0.0, bpid_margin: float = 1.0,
+                 bpid_lambda: float = 0.3, adi: float = 0.0, student: nn.Module | None = None, backend: str = "auto"):
+        super().__init__()
+        if adi > 0 and student is None:
+            raise ValueError("the ADI competition term needs a student")
+        self.teacher, self.student = teacher, student
+        self.r_bn, self.first_bn_mult, self.tv_l2, self.tv_l1, self.l2 = r_bn, first_bn_mult, tv_l2, tv_l1, l2
+        self.bpid, self.bpid_margin, self.bpid_lambda, self.adi = bpid, bpid_margin, bpid_lambda, adi
+        self.backend = backend
+        self.bns = [m for m in teacher.modules() if isinstance(m, nn.BatchNorm2d)]
+        if not self.bns:
+            raise ValueError("DeepInversion needs a teacher with BatchNorm2d layers")
+        self._inputs: list[Tensor] = []
+        self._handles = [bn.register_forward_pre_hook(lambda m, a: self._inputs.append(a[0])) for bn in self.bns]
+        self._features: Tensor | None = None
+        self._handles.append(_classifier(teacher).register_forward_pre_hook(self._grab_features))
+        self.last_terms: dict[str, Tensor] = {}
+        self.last_logits: Tensor | None = None
+        self.last_features: Tensor | None = None
+
+    def _grab_features(self, module: nn.Module, args: tuple[Tensor, ...]) -> None:
+        self._features = args[0]
+
+    def bn_weights(self, device: torch.device) -> Tensor:
+        w = torch.ones(len(self.bns), device=device)
+        w[0] = self.first_bn_mult
+        return w
+
+    def forward(self, x: Tensor, targets: Tensor) -> Tensor:
+        self._inputs = []
+        logits = self.teacher(x)
+        xs = self._inputs
+        self._inputs = []
+        if len(xs) != len(self.bns):
+            raise RuntimeError(f"expected {len(self.bns)} BatchNorm inputs, saw {len(xs)} (compiled away?)")
+        bn_losses = ops.bn_stat_losses(xs, [b.running_mean for b in self.bns], [b.running_var for b in self.bns],
+                                       backend=self.backend)
+        bn = (self.bn_weights(x.device) * bn_losses).sum()
+        ce = F.cross_entropy(logits.float(), targets)
+        tv2, tv1 = reference.tv_losses(x.float())
+        norm = torch.linalg.vector_norm(x.float())
+        loss = ce + self.r_bn * bn + self.tv_l2 * tv2 + self.tv_l1 * tv1 + self.l2 * norm
+        terms = {"ce": ce, "bn": bn, "tv_l2": tv2, "tv_l1": tv1, "l2": norm}
+        if self.bpid > 0:
+            bpid = reference.bpid_loss(self._features, logits, targets, self.bpid_margin, self.bpid_lambda)
+            loss = loss + self.bpid * bpid
+            terms["bpid"] = bpid
+        if self.adi > 0:
+            self.student.eval()
+            competition = 1.0 - js_divergence(logits, self.student(x)).clamp(0.0, 1.0)
+            loss = loss + self.adi * competition
+            terms["adi"] = competition
+        terms["loss"] = loss
+        self.last_terms = {k: v.detach() for k, v in terms.items()}
+        self.last_logits, self.last_features = logits.detach(), self._features.detach()
+        return loss
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()

@@ -239,16 +239,27 @@ def builtin_cifar10(tar_dir: str) -> tuple[str, str]:
 def resolve_data(data: str, val_data: str | None) -> tuple[str, str | None, str]:
     """Map --data / --val-data to folders: `digits`, `cifar10[:DIR]`, or an ImageFolder path.
 
-    Returns (train_dir, val_dir or None, name). For `cifar10` without a DIR the folder comes from
-    the environment variable DEARKD_CIFAR10_DIR.
+    Returns (train_dir, val_dir or None, name). A built-in name as --val-data means that set's
+    validation split (e.g. train on synthetic images, evaluate on real digits). For `cifar10`
+    without a DIR the folder comes from the environment variable DEARKD_CIFAR10_DIR.
     """
-    if data == "digits":
-        train, val = builtin_digits()
-        return train, val_data or val, "digits"
-    if data == "cifar10" or data.startswith("cifar10:"):
-        tar_dir = data.partition(":")[2] or os.environ.get("DEARKD_CIFAR10_DIR", "")
+    train, val, name = _builtin(data)
+    if val_data is not None:
+        val = _builtin(val_data)[1] if _is_builtin(val_data) else val_data
+    return train, val, name
+
+
+def _is_builtin(spec: str) -> bool:
+    return spec == "digits" or spec == "cifar10" or spec.startswith("cifar10:")
+
+
+def _builtin(spec: str) -> tuple[str, str | None, str]:
+    """(train_dir, val_dir, name) of a built-in set, or (spec, None, folder name) for a path."""
+    if spec == "digits":
+        return (*builtin_digits(), "digits")
+    if spec == "cifar10" or spec.startswith("cifar10:"):
+        tar_dir = spec.partition(":")[2] or os.environ.get("DEARKD_CIFAR10_DIR", "")
         if not tar_dir:
             raise DataError("cifar10: give the tarball folder as --data cifar10:DIR or set DEARKD_CIFAR10_DIR")
-        train, val = builtin_cifar10(tar_dir)
-        return train, val_data or val, "cifar10"
-    return data, val_data, os.path.basename(os.path.normpath(data))
+        return (*builtin_cifar10(tar_dir), "cifar10")
+    return spec, None, os.path.basename(os.path.normpath(spec))
