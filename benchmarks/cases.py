@@ -150,3 +150,74 @@ def data_loader(root, val_root, backend, size, train, fraction=1.0):
     return (data.train, data.num_train) if train else (data.val, data.num_val)
 
 
+
+
+# ---- DeepInversion iterations
+INVERT_CFG = dict(arch="resnet50", batch=84, res=224, num_classes=1000) if GPU else \
+    dict(arch="cifar_resnet8", batch=64, res=32, num_classes=10)
+
+
+class PublicBNHook:
+    """The public DeepInversion feature hook's way: fp32 eager arithmetic in a forward hook per BN layer."""
+
+    def __init__(self, bn):
+        self.handle = bn.register_forward_hook(self.hook)
+        self.r_feature = None
+
+    def hook(self, bn, inputs, output):
+        self.r_feature = deepinversion_bn_loss(inputs[0], bn.running_mean, bn.running_var)
+
+
+def inversion_case(variant: str, arch: str, batch: int, res: int, num_classes: int):
+    """One DeepInversion iteration (forward, backward, Adam step on the images).
+
+    "public": fp32 eager, per-layer hooks; "fast": DeepInversionLoss (grouped ops.bn_stat_losses, the
+    fused kernel on CUDA), bf16 autocast, channels_last on CUDA; "fast-compiled": plus torch.compile.
+    """
+    from dearkd_fast.losses import DeepInversionLoss
+    from dearkd_fast.models.teacher import create_teacher_model
+
+    torch.manual_seed(0)
+    model = create_teacher_model(arch, num_classes).to(DEV).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    x = torch.randn(batch, 3, res, res, device=DEV)
+    y = torch.arange(batch, device=DEV) % num_classes
+    if variant == "public":
+        bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        hooks = [PublicBNHook(b) for b in bns]
+        x.requires_grad_()
+        opt = torch.optim.Adam([x], lr=0.1, betas=(0.5, 0.9))
+
+        def step():
+            opt.zero_grad()
+            logits = model(x)
+            bn = sum((10.0 if i == 0 else 1.0) * h.r_feature for i, h in enumerate(hooks))
+            tv2, _ = reference.tv_losses(x)
+            loss = torch.nn.functional.cross_entropy(logits, y) + 0.01 * bn + 1e-4 * tv2 + 1e-5 * x.norm()
+            loss.backward()
+            opt.step()
+
+        return step
+    if variant not in ("fast", "fast-compiled"):
+        raise ValueError(variant)
+    if GPU:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    opt = torch.optim.Adam([x], lr=0.1, betas=(0.5, 0.9))
+    crit = DeepInversionLoss(model, r_bn=0.01, tv_l2=1e-4, l2=1e-5)
+    if variant == "fast-compiled":
+        crit.teacher = torch.compile(model)
+
+    def step():
+        opt.zero_grad()
+        with torch.autocast(DEV, dtype=BF16):
+            loss = crit(x, y)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+INVERT_VARIANTS = ["public", "fast", "fast-compiled"]

@@ -13,7 +13,8 @@ import triton.testing
 
 sys.path.insert(0, os.path.dirname(__file__))
 from cases import (ALIGN_SHAPE, ALIGN_VARIANTS, BN_SHAPE, BN_VARIANTS, RESNET50_BATCH, RESNET50_SIZE,  # noqa: E402
-                   THREADS, align_case, bn_case, data_loader, imagenet_sized_folder, resnet50_bn_shapes)
+                   INVERT_CFG, INVERT_VARIANTS, THREADS, align_case, bn_case, data_loader, imagenet_sized_folder,
+                   inversion_case, resnet50_bn_shapes)
 
 from dearkd_fast import ops, reference  # noqa: E402
 
@@ -70,6 +71,27 @@ def correctness() -> list[str]:
     errs = ", ".join(f"d{n} {rel(a.grad, r.grad):.2e}" for n, a, r in zip("TWb", leaves, dl))
     lines.append(f"feature_align_loss B{B} N{N} D{D} C{C} bf16: loss rel err {rel(loss, ref):.2e}, {errs}")
     return lines
+
+
+def inversion_rows() -> list[str]:
+    """DeepInversion iterations/s: the public code's way vs our fast path (goal: >= 3x)."""
+    cfg = INVERT_CFG
+    rows = [f"## DeepInversion iteration ({cfg['arch']}, random weights, batch {cfg['batch']}, {cfg['res']} px)", "",
+            "| variant | median ms | it/s | x public |", "|---|---|---|---|"]
+    times = {}
+    for v in INVERT_VARIANTS:
+        try:
+            step = inversion_case(v, **cfg)
+            step()
+            step()
+            times[v] = ms(step)
+        except Exception as e:  # noqa: BLE001
+            rows.append(f"| {v} | failed: {type(e).__name__}: {str(e)[:80]} | | |")
+        torch.cuda.empty_cache()
+    for v, t in times.items():
+        x = f"{times['public'] / t:.2f}" if "public" in times else "-"
+        rows.append(f"| {v} | {t:.1f} | {1000 / t:.2f} | {x} |")
+    return rows
 
 
 def loader_rows() -> list[str]:
@@ -135,7 +157,8 @@ def main() -> int:
             sp = lambda k: f"{times[k][0] / t:.2f}" if k in times else "-"  # noqa: E731
             rows.append(f"| {title} | {v} | {t:.3f} | {gbs:.0f} | {100 * gbs / bw:.0f}% | {sp('eager')} | "
                         f"{sp('compiled')} | {sp('deepinversion')} | {peak:.0f} |")
-    text = "\n".join(header + ["## timings (triton.testing.do_bench median)", ""] + rows + [""] + loader_rows() +
+    text = "\n".join(header + ["## timings (triton.testing.do_bench median)", ""] + rows + [""] + inversion_rows() + [""] +
+                     loader_rows() +
                      ["", f"total {time.time() - t0:.0f} s"]) + "\n"
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "gpu_check.md"), "w") as fh:

@@ -22,3 +22,13 @@ def write_image_folder(root, counts: dict[str, int], size=(32, 32), seed=0, ext=
             arr = torch.randint(0, 256, (size[1], size[0], 3), generator=g, dtype=torch.uint8).numpy()
             Image.fromarray(arr).save(os.path.join(root, cls, f"{i:03d}.{ext}"))
     return str(root)
+
+
+@pytest.fixture(scope="session")
+def digits_teacher(tmp_path_factory):
+    """teacher.pt of a cifar_resnet8 trained by the trainer on all of `digits` (5 epochs, ~15 s)."""
+    from dearkd_fast.train import main
+
+    out = tmp_path_factory.mktemp("teacher") / "run"
+    assert main(["--teacher-epochs", "5", "--epochs", "1", "--workers", "0", "--no-progress", "--output", str(out)]) == 0
+    return str(out / "teacher.pt")

@@ -42,3 +42,164 @@ def test_hook_equals_public_formula(channels_last):
 def test_hook_rejects_non_bn():
     with pytest.raises(ValueError, match="BatchNorm"):
         DeepInversionHook(nn.Conv2d(3, 3, 1))
+
+
+# ---------------------------------------------------------------- the objective and the CLI
+import json  # noqa: E402
+import os  # noqa: E402
+
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from dearkd_fast import invert, reference  # noqa: E402
+from dearkd_fast.losses import DeepInversionLoss, penultimate  # noqa: E402
+from dearkd_fast.models.teacher import load_teacher  # noqa: E402
+
+FAST = ["--no-progress", "--iterations", "80"]
+
+
+def test_objective_sums_weighted_terms():
+    model, _ = _random_teacher()
+    crit = DeepInversionLoss(model, r_bn=0.3, first_bn_mult=4.0, tv_l2=1e-3, tv_l1=0.5, l2=1e-2, bpid=2.0,
+                             bpid_margin=1.0, bpid_lambda=0.5, backend="torch")
+    x, y = torch.randn(6, 3, 32, 32), torch.tensor([0, 0, 1, 1, 2, 2])
+    loss = crit(x, y)
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    xs = []
+    hooks = [b.register_forward_pre_hook(lambda m, a: xs.append(a[0])) for b in bns]
+    logits, feats = penultimate(model, x)
+    for h in hooks:
+        h.remove()
+    per_layer = torch.stack([reference.bn_stat_loss(a, b.running_mean, b.running_var) for a, b in zip(xs, bns)])
+    bn = 4.0 * per_layer[0] + per_layer[1:].sum()
+    tv2, tv1 = reference.tv_losses(x)
+    want = (nn.functional.cross_entropy(logits, y) + 0.3 * bn + 1e-3 * tv2 + 0.5 * tv1 + 1e-2 * x.norm()
+            + 2.0 * reference.bpid_loss(feats, logits, y, 1.0, 0.5))
+    torch.testing.assert_close(loss, want)
+    assert set(crit.last_terms) == {"ce", "bn", "tv_l2", "tv_l1", "l2", "bpid", "loss"}
+    crit.close()
+
+
+def _random_teacher():
+    from dearkd_fast.models.teacher import create_teacher_model
+
+    model = create_teacher_model("cifar_resnet8", 3).eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2)
+    return model, None
+
+
+def _run_invert(tmp_path, teacher, name, *extra):
+    out = tmp_path / name
+    rc = invert.main(["--teacher-ckpt", teacher, "--images-per-class", "4", "--batch-size", "40", "--output", str(out),
+                      *FAST, *extra])
+    assert rc == 0
+    return out, json.loads((out / "meta.json").read_text())
+
+
+def test_bn_statistics_term_falls(digits_teacher):
+    model, spec = load_teacher(digits_teacher)
+    crit = DeepInversionLoss(model.eval(), r_bn=1.0, backend="torch")
+    s = invert.settings(invert.build_parser().parse_args(["--teacher-ckpt", digits_teacher, "--output", "x",
+                                                            "--iterations", "30"]), spec)
+    y = torch.arange(20) % 10
+    crit(torch.randn(20, 3, 32, 32, generator=torch.Generator().manual_seed(0)), y)
+    start = crit.last_terms["bn"].item()
+    _, terms = invert.synthesize_batch(crit, y, s, spec, seed=0, device=torch.device("cpu"), progress=False, desc="t")
+    assert terms["bn"] < 0.5 * start
+
+
+def test_inversion_hits_targets_and_writes_imagefolder(tmp_path, digits_teacher):
+    out, meta = _run_invert(tmp_path, digits_teacher, "a")
+    assert meta["teacher_accuracy"] >= 90.0 and meta["num_images"] == 40
+    for key in ("settings", "seed", "bn_loss_final", "intra_class_distance", "final_terms"):
+        assert key in meta
+    assert sorted(os.listdir(out)) == sorted([str(c) for c in range(10)] + ["meta.json", "progress.json"])
+    for c in range(10):
+        files = sorted(os.listdir(out / str(c)))
+        assert files == [f"{i:05d}.png" for i in range(4)]
+        with Image.open(out / str(c) / files[0]) as im:
+            assert im.format == "PNG" and im.size == (32, 32) and im.mode == "RGB"
+
+
+def test_bpid_spreads_classes_and_keeps_them(tmp_path, digits_teacher):
+    _, off = _run_invert(tmp_path, digits_teacher, "off", "--bpid", "0")
+    _, on = _run_invert(tmp_path, digits_teacher, "on", "--bpid", "10")
+    assert on["intra_class_distance"] > off["intra_class_distance"]
+    assert on["teacher_accuracy"] >= 90.0
+
+
+def _images(folder):
+    return {os.path.relpath(os.path.join(r, f), folder): np.asarray(Image.open(os.path.join(r, f)))
+            for r, _, fs in os.walk(folder) for f in fs if f.endswith(".png")}
+
+
+def test_resume_after_kill_redoes_nothing_and_leaves_no_partial_file(tmp_path, digits_teacher, monkeypatch):
+    args = ["--teacher-ckpt", digits_teacher, "--images-per-class", "3", "--batch-size", "10", "--no-progress",
+            "--iterations", "3"]
+    assert invert.main(args + ["--output", str(tmp_path / "whole")]) == 0
+    whole = _images(tmp_path / "whole")
+    assert len(whole) == 30
+
+    real_synth, real_save = invert.synthesize_batch, invert.save_images
+    calls = []
+
+    def synth(*a, **k):
+        calls.append(a[4])  # the batch seed
+        return real_synth(*a, **k)
+
+    def save_then_die(x, ids, output, spec):  # the second batch dies after two of its ten images
+        if len(calls) == 2:
+            real_save(x[:2], ids[:2], output, spec)
+            with open(os.path.join(output, spec.class_names[0], ".tmp-00009.png-abc"), "wb") as f:
+                f.write(b"\x89PNG half")  # a torn temporary write
+            raise KeyboardInterrupt
+        real_save(x, ids, output, spec)
+
+    monkeypatch.setattr(invert, "synthesize_batch", synth)
+    monkeypatch.setattr(invert, "save_images", save_then_die)
+    out = tmp_path / "killed"
+    assert invert.main(args + ["--output", str(out)]) == 130
+    assert json.loads((out / "progress.json").read_text())["done"].keys() == {"0"}
+    calls.clear()
+    monkeypatch.setattr(invert, "save_images", real_save)
+    assert invert.main(args + ["--output", str(out), "--resume"]) == 0
+    assert calls == [1, 2]  # batch 0 not redone; batches 1 and 2 once each
+    got = _images(out)
+    assert got.keys() == whole.keys()
+    assert all(np.array_equal(got[k], whole[k]) for k in got)  # same images as the uninterrupted run
+    assert not [f for _, _, fs in os.walk(out) for f in fs if f.startswith(".tmp-")]
+
+
+def test_invert_bad_inputs_exit_2(tmp_path, digits_teacher, capsys):
+    def bad(argv, text):
+        assert invert.main(argv) == 2
+        err = capsys.readouterr().err
+        assert text in err and err.count("\n") == 1, err
+
+    bad(["--output", str(tmp_path / "o")], "--teacher-ckpt")
+    bad(["--teacher-ckpt", str(tmp_path / "none.pt"), "--output", str(tmp_path / "o")], "does not exist")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x.txt").write_text("x")
+    bad(["--teacher-ckpt", digits_teacher, "--output", str(tmp_path / "full")], "not empty")
+    bad(["--teacher-ckpt", digits_teacher, "--output", str(tmp_path / "o"), "--adi", "1"], "--student-ckpt")
+    bad(["--teacher-ckpt", digits_teacher, "--output", str(tmp_path / "o"), "--class-names", "a,b"], "--class-names")
+    out = tmp_path / "r"
+    assert invert.main(["--teacher-ckpt", digits_teacher, "--images-per-class", "1", "--batch-size", "10",
+                        "--iterations", "1", "--no-progress", "--output", str(out)]) == 0
+    capsys.readouterr()
+    bad(["--teacher-ckpt", digits_teacher, "--images-per-class", "1", "--batch-size", "10", "--iterations", "2",
+         "--no-progress", "--output", str(out), "--resume"], "settings differ")
+
+
+def test_train_on_synthetic_evaluate_on_real(tmp_path, digits_teacher):
+    from dearkd_fast.train import main
+
+    syn, _ = _run_invert(tmp_path, digits_teacher, "syn", "--iterations", "5")
+    out = tmp_path / "df"
+    assert main(["--data", str(syn), "--val-data", "digits", "--teacher-ckpt", digits_teacher, "--epochs", "2",
+                 "--stage1-epochs", "1", "--batch-size", "8", "--workers", "0", "--no-progress", "--output", str(out)]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["num_train_samples"] == 40 and s["num_val_samples"] == 360  # real digits

@@ -121,3 +121,30 @@ def test_tv_losses():
     tv2, tv1 = reference.tv_losses(x)
     assert abs(tv2.item() - sum(np.sqrt((d**2).sum()) for d in diffs)) < 1e-9
     assert abs(tv1.item() - sum(np.abs(d).mean() / 255 for d in diffs)) < 1e-12
+
+
+def np_bpid(feats, logits, labels, margin, lam):
+    """Hand loops in float64: -mean_{i != j, y_i = y_j} ||z_i - z_j|| + lam * mean_i relu(m - gap_i)."""
+    f = np.asarray(feats, dtype=np.float64)
+    z = f / np.linalg.norm(f, axis=1, keepdims=True)
+    dists = [np.linalg.norm(z[i] - z[j]) for i in range(len(z)) for j in range(len(z)) if i != j and labels[i] == labels[j]]
+    spread = np.mean(dists) if dists else 0.0
+    gaps = []
+    for i, row in enumerate(np.asarray(logits, dtype=np.float64)):
+        others = [row[k] for k in range(len(row)) if k != labels[i]]
+        gaps.append(max(0.0, margin - (row[labels[i]] - max(others))))
+    return -spread + lam * np.mean(gaps)
+
+
+@pytest.mark.parametrize("labels", [[0, 0, 1, 1, 1, 2], [0, 1, 2, 3, 4, 5], [2, 2, 2, 2, 2, 2]])
+def test_bpid_matches_loops(labels):
+    """Including a class with a single sample (2 in the first case) and a batch with no same-class pair."""
+    g = torch.Generator().manual_seed(7)
+    feats = torch.randn(6, 9, generator=g, dtype=torch.float64, requires_grad=True)
+    logits = torch.randn(6, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor(labels)
+    got = reference.bpid_loss(feats, logits, y, margin=1.5, lam=0.7)
+    want = np_bpid(feats.detach().numpy(), logits.detach().numpy(), labels, 1.5, 0.7)
+    assert abs(got.item() - want) < 1e-10
+    got.backward()
+    assert torch.isfinite(feats.grad).all() and torch.isfinite(logits.grad).all()
