@@ -122,12 +122,14 @@ def test_process_exit_code_and_single_line(tmp_path):
     assert r.stderr.strip().count("\n") == 0 and "does not exist" in r.stderr
 
 
-def test_readme_lists_every_flag():
-    from dearkd_fast.train import build_parser
+@pytest.mark.parametrize("tool", ["train", "invert"])
+def test_readme_lists_every_flag(tool):
+    import importlib
 
+    parser = importlib.import_module(f"dearkd_fast.{tool}").build_parser()
     readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
-    flags = [o for a in build_parser()._actions for o in a.option_strings if o.startswith("--") and o != "--help"]
-    missing = [f for f in flags if f"`{f}`" not in readme]
+    flags = [o for a in parser._actions for o in a.option_strings if o.startswith("--") and o != "--help"]
+    missing = [f for f in flags if f"`{f}" not in readme]
     assert not missing, f"README lacks {missing}"
 
 
