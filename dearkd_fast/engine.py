@@ -83,10 +83,11 @@ def train_one_epoch(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, *, device: torch.device, amp: bool = False, desc: str = "eval",
-             progress: bool = True) -> dict[str, float]:
-    """Top-1 / top-5 accuracy (%) and mean cross-entropy of model (eval mode) over every sample once."""
-    model.eval()
+def evaluate(model: Callable[[Tensor], Tensor], loader, *, device: torch.device, amp: bool = False,
+             desc: str = "eval", progress: bool = True) -> dict[str, float]:
+    """Top-1 / top-5 accuracy (%) and mean cross-entropy of model's logits (eval mode) over every sample once."""
+    if isinstance(model, nn.Module):
+        model.eval()
     correct1 = correct5 = loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     seen = 0
     for images, labels in tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True):

@@ -24,7 +24,7 @@ from .cli import Parser, UsageError, check_output, pick_device, run_cli
 from .checkpoint import atomic_save, atomic_write_json, load_checkpoint, rng_state, set_rng_state
 from .data import DataConfig, build_data
 from .losses import DearKDLoss, SupervisedLoss
-from .models.teacher import Teacher, TeacherSpec, create_teacher_model, load_teacher, save_teacher
+from .models.teacher import Teacher, TeacherCheckpointError, TeacherSpec, create_teacher_model, load_teacher, save_teacher
 
 PROG = "dearkd_fast.train"
 RUN_FILES = ("summary.json", "metrics.jsonl", "checkpoint.pt", "student.pt")
@@ -200,6 +200,10 @@ def run(args: argparse.Namespace) -> dict:
         ckpt_path = args.teacher_ckpt or (own_teacher if args.resume and os.path.isfile(own_teacher) else None)
         if ckpt_path:
             tmodel, spec = load_teacher(ckpt_path, num_classes=num_classes)
+            if spec.class_names != list(data.classes):
+                raise TeacherCheckpointError(
+                    f"teacher checkpoint '{ckpt_path}' has classes {spec.class_names[:3]}... but the data has "
+                    f"{list(data.classes)[:3]}... (same count, different names or order)")
             tmodel = tmodel.to(device)
             log(f"teacher: {spec.arch} from {ckpt_path}")
         else:
@@ -207,8 +211,8 @@ def run(args: argparse.Namespace) -> dict:
         if device.type == "cuda":
             tmodel = tmodel.to(memory_format=torch.channels_last)
         taps = args.teacher_taps.split(",") if args.teacher_taps else None
-        teacher = Teacher(tmodel, spec, taps)
-        teacher_top1 = engine.evaluate(tmodel, data.val, device=device, amp=args.amp, desc="teacher eval",
+        teacher = Teacher(tmodel, spec, taps, input_norm=(args.mean, args.std))
+        teacher_top1 = engine.evaluate(lambda x: teacher(x)[0], data.val, device=device, amp=args.amp, desc="teacher eval",
                                        progress=not args.no_progress)["top1"]
         spec.top1 = teacher_top1
         if not ckpt_path:

@@ -10,7 +10,6 @@ Many layers (a teacher has dozens of BN layers) go through `bn_stat_losses`: one
 per layer writes into one shared partial buffer, then a single finalize and a single segmented
 norm over all layers' channels, instead of about ten small launches per layer.
 """
-import os
 from typing import List
 
 import torch
@@ -166,8 +165,6 @@ bn_moments.register_autograd(_backward, setup_context=_setup_context)
 
 def bn_stat_losses(xs: List[Tensor], running_means: List[Tensor], running_vars: List[Tensor]) -> Tensor:
     """Per-layer losses [L] = ||mean_l - rm_l|| + ||var_l - rv_l||, all layers finalised together."""
-    if not _interpret() and not all(x.is_cuda for x in xs):
-        raise RuntimeError("bn_stat_losses (triton) needs CUDA tensors or TRITON_INTERPRET=1")
     mean, var = bn_moments(list(xs))
     rm = torch.cat([r.float() for r in running_means])
     rv = torch.cat([r.float() for r in running_vars])
@@ -182,7 +179,3 @@ def bn_stat_losses(xs: List[Tensor], running_means: List[Tensor], running_vars: 
 def bn_stat_loss(x: Tensor, running_mean: Tensor, running_var: Tensor) -> Tensor:
     """Fused DeepInversion BN-statistics loss of one layer (fp32 scalar); differentiable in x."""
     return bn_stat_losses([x], [running_mean], [running_var])[0]
-
-
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -124,3 +124,17 @@ def test_teacher_is_frozen_and_tapped():
     logits, feats = t(torch.randn(2, 3, 32, 32))
     assert logits.shape == (2, 5) and [f.shape[1:] for f in feats] == [(32, 32, 32), (64, 16, 16)]
     assert not logits.requires_grad
+
+
+def test_teacher_renormalises_inputs_of_other_statistics():
+    model = create_teacher_model("cifar_resnet8", 5).eval()
+    spec = TeacherSpec("cifar_resnet8", 5, list("abcde"), 32, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
+    raw = torch.rand(2, 3, 32, 32)
+    as_teacher = (raw - torch.tensor(spec.mean).view(1, 3, 1, 1)) / torch.tensor(spec.std).view(1, 3, 1, 1)
+    data_mean, data_std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    as_data = (raw - torch.tensor(data_mean).view(1, 3, 1, 1)) / torch.tensor(data_std).view(1, 3, 1, 1)
+    want = model(as_teacher)
+    got, _ = Teacher(model, spec, input_norm=(data_mean, data_std))(as_data)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    same, _ = Teacher(model, spec, input_norm=(spec.mean, spec.std))(as_teacher)
+    torch.testing.assert_close(same, want)

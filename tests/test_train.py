@@ -109,6 +109,11 @@ def test_bad_inputs_exit_2(tmp_path, capsys, tiny_run):
     err = _bad(capsys, ["--data", root3, "--teacher-ckpt", str(tiny_run / "teacher.pt"), "--batch-size", "4",
                         "--workers", "0"] + out)
     assert "10 classes" in err and "3" in err
+    # same number of classes, other names: refused rather than mislabelled
+    root10 = write_image_folder(tmp_path / "d10", {f"k{i}": 2 for i in range(10)})
+    err = _bad(capsys, ["--data", root10, "--teacher-ckpt", str(tiny_run / "teacher.pt"), "--batch-size", "4",
+                        "--workers", "0"] + out)
+    assert "different names" in err
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     assert "cannot be read" in _bad(capsys, ["--teacher-ckpt", str(tmp_path / "junk.pt"), "--workers", "0"] + out)
     assert not (tmp_path / "o" / "summary.json").exists()

@@ -183,10 +183,17 @@ class Teacher(nn.Module):
     `grad=True` keeps the graph to the input (DeepInversion optimises the images through it).
     """
 
-    def __init__(self, model: nn.Module, spec: TeacherSpec, taps: list[str] | None = None):
+    def __init__(self, model: nn.Module, spec: TeacherSpec, taps: list[str] | None = None,
+                 input_norm: tuple[tuple[float, ...], tuple[float, ...]] | None = None):
         super().__init__()
         self.model = model
         self.spec = spec
+        # inputs normalised with other statistics than the teacher's: x_t = (x * std_in + mean_in - mean_t) / std_t
+        self.renorm = None
+        if input_norm is not None and (tuple(input_norm[0]), tuple(input_norm[1])) != (tuple(spec.mean), tuple(spec.std)):
+            m_in, s_in = (torch.tensor(v).view(1, 3, 1, 1) for v in input_norm)
+            m_t, s_t = torch.tensor(spec.mean).view(1, 3, 1, 1), torch.tensor(spec.std).view(1, 3, 1, 1)
+            self.renorm = (s_in / s_t, (m_in - m_t) / s_t)
         self.taps = list(taps if taps is not None else (spec.taps or default_taps(model)))
         self.spec.taps = self.taps
         self._feats: list[Tensor | None] = [None] * len(self.taps)
@@ -217,6 +224,9 @@ class Teacher(nn.Module):
 
     def forward(self, x: Tensor, grad: bool = False) -> tuple[Tensor, list[Tensor]]:
         self.calls += 1
+        if self.renorm is not None:
+            scale, shift = (t.to(x.device, x.dtype) for t in self.renorm)
+            x = x * scale + shift
         with torch.set_grad_enabled(grad):
             logits = self.model(x)
         feats = list(self._feats)
