@@ -178,3 +178,33 @@ def test_missing_dali_is_a_clear_error(monkeypatch, tmp_path):
     root = write_image_folder(tmp_path / "d", {"a": 2, "b": 2})
     with pytest.raises(DataError, match="--dali needs NVIDIA DALI"):
         build_data(cfg(root, "dali"))
+
+
+def test_cifar10_from_tarballs(tmp_path, monkeypatch):
+    """`cifar10:DIR` extracts train.tar.gz / test.tar.gz (ImageFolder inside) once into the cache."""
+    import tarfile
+
+    src = tmp_path / "src"
+    write_image_folder(src / "train", {"airplane": 3, "cat": 2})
+    write_image_folder(src / "test", {"airplane": 1, "cat": 2})
+    tars = tmp_path / "tars"
+    tars.mkdir()
+    for split in ("train", "test"):
+        with tarfile.open(tars / f"{split}.tar.gz", "w:gz") as tf:
+            tf.add(src / split, arcname=split)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    data = build_data(cfg(f"cifar10:{tars}", "torch", val_data=None))
+    assert data.name == "cifar10" and data.classes == ["airplane", "cat"]
+    assert (data.num_train, data.num_val) == (5, 3)  # the test split is the validation set
+    monkeypatch.setenv("DEARKD_CIFAR10_DIR", str(tars))
+    assert build_data(cfg("cifar10", "torch", val_data=None)).num_train == 5
+    with pytest.raises(DataError, match="train.tar.gz"):
+        build_data(cfg(f"cifar10:{tmp_path / 'nowhere'}", "torch", val_data=None))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_randaugment(tmp_path, backend):
+    root = write_image_folder(tmp_path / "d", {"a": 4, "b": 4})
+    data = build_data(cfg(root, backend, randaug="rand-m9-n2-mstd0.5", pad_crop=False))
+    x, y = next(iter(data.train))
+    assert x.shape == (4, 3, 32, 32) and torch.isfinite(x).all()
