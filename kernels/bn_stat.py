@@ -81,10 +81,10 @@ def _strides(x: Tensor) -> tuple[int, int, int]:
     return x.stride(0), x.stride(1), x.stride(3) if W > 1 else x.stride(2)
 
 
-def _per_channel(values: list, xs: List[Tensor], dtype: torch.dtype) -> Tensor:
-    """values[l] repeated over layer l's channels, built on the host and sent in one copy."""
-    host = torch.tensor(values, dtype=dtype).repeat_interleave(torch.tensor([x.shape[1] for x in xs]))
-    return host.to(xs[0].device, non_blocking=True)
+def _layer_of_channel(xs: List[Tensor], device: torch.device) -> Tensor:
+    """Layer index of every concatenated channel: static shapes (compile-friendly), three small launches."""
+    ends = torch.tensor([x.shape[1] for x in xs]).cumsum(0).to(device)
+    return torch.bucketize(torch.arange(sum(x.shape[1] for x in xs), device=device), ends, right=True)
 
 
 def _split(rows: int, block_r: int, c_tiles: int, device: torch.device) -> int:
@@ -113,7 +113,8 @@ def bn_moments(xs: List[Tensor]) -> List[Tensor]:
         _moments_kernel[(s, triton.cdiv(C, bc))](x, shift, part, rows, C, x.shape[2] * x.shape[3], col0, total_c,
                                                   *_strides(x), BLOCK_R=br, BLOCK_C=bc)
         col0 += C
-    n = _per_channel([float(x.shape[0] * x.shape[2] * x.shape[3]) for x in xs], xs, torch.float32)
+    counts = torch.tensor([float(x.shape[0] * x.shape[2] * x.shape[3]) for x in xs], device=device)
+    n = counts[_layer_of_channel(xs, device)]
     sums = part.sum(0)
     d_mean = sums[0] / n
     mean = torch.cat(shifts) + d_mean
@@ -168,7 +169,7 @@ def bn_stat_losses(xs: List[Tensor], running_means: List[Tensor], running_vars: 
     mean, var = bn_moments(list(xs))
     rm = torch.cat([r.float() for r in running_means])
     rv = torch.cat([r.float() for r in running_vars])
-    seg = _per_channel(list(range(len(xs))), xs, torch.long)
+    seg = _layer_of_channel(xs, mean.device)
     sq = torch.stack([(mean - rm).pow(2), (var - rv).pow(2)])  # [2, total_C]
     per_layer = torch.zeros((2, len(xs)), device=mean.device, dtype=torch.float32).index_add_(1, seg, sq)
     # sqrt with a zero gradient at zero (a layer whose statistics already match exactly)

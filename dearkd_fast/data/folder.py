@@ -228,8 +228,11 @@ def builtin_cifar10(tar_dir: str) -> tuple[str, str]:
         for s, p in tars.items():
             with tarfile.open(p, "r:gz") as tf:
                 members = [m for m in tf.getmembers() if m.isdir() or m.isfile()]
+                for m in members:  # plain files and folders inside the target only (also where tarfile has no filter=)
+                    if os.path.isabs(m.name) or ".." in m.name.split("/"):
+                        raise DataError(f"cifar10: '{p}' holds an unsafe path '{m.name}'")
                 for m in tqdm(members, desc=f"extracting cifar10/{s}", unit="file", leave=False):
-                    tf.extract(m, tmp, filter="data")
+                    tf.extract(m, tmp, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
         if os.path.isdir(final):
             shutil.rmtree(final, ignore_errors=True)
         _publish(tmp, final)
