@@ -7,7 +7,6 @@ silently.
 """
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 
@@ -29,9 +28,11 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
+_TRITON = importlib.util.find_spec("triton") is not None
+
+
 def _triton_importable() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON
 
 
 def _native_importable() -> bool:
