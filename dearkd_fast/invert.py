@@ -12,6 +12,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import time
 
@@ -255,6 +256,15 @@ def run(args: argparse.Namespace) -> dict:
             diff = sorted(k for k in s if state["settings"].get(k) != s[k])
             raise UsageError(f"--resume: settings differ from the run in '{args.output}': {', '.join(diff)}")
     os.makedirs(args.output, exist_ok=True)
+    if args.overwrite:  # only what this tool writes: the class folders' NNNNN.png, progress.json, meta.json
+        for name in spec.class_names:
+            folder = os.path.join(args.output, name)
+            for f in os.listdir(folder) if os.path.isdir(folder) else []:
+                if re.fullmatch(r"\d{5}\.png", f):
+                    os.remove(os.path.join(folder, f))
+        for f in RUN_FILES:
+            if os.path.exists(os.path.join(args.output, f)):
+                os.remove(os.path.join(args.output, f))
     for root, _, files in os.walk(args.output):  # temporary files of a killed write
         for f in files:
             if f.startswith(".tmp-"):

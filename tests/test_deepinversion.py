@@ -197,9 +197,20 @@ def test_invert_bad_inputs_exit_2(tmp_path, digits_teacher, capsys):
 def test_train_on_synthetic_evaluate_on_real(tmp_path, digits_teacher):
     from dearkd_fast.train import main
 
-    syn, _ = _run_invert(tmp_path, digits_teacher, "syn", "--iterations", "5")
+    syn, meta = _run_invert(tmp_path, digits_teacher, "syn", "--iterations", "5", "--amp")
+    assert meta["settings"]["amp"]
     out = tmp_path / "df"
     assert main(["--data", str(syn), "--val-data", "digits", "--teacher-ckpt", digits_teacher, "--epochs", "2",
                  "--stage1-epochs", "1", "--batch-size", "8", "--workers", "0", "--no-progress", "--output", str(out)]) == 0
     s = json.loads((out / "summary.json").read_text())
     assert s["num_train_samples"] == 40 and s["num_val_samples"] == 360  # real digits
+
+
+def test_overwrite_replaces_only_what_invert_wrote(tmp_path, digits_teacher):
+    base = ["--teacher-ckpt", digits_teacher, "--batch-size", "10", "--iterations", "1", "--no-progress"]
+    out = tmp_path / "o"
+    assert invert.main(base + ["--images-per-class", "2", "--output", str(out)]) == 0
+    (out / "0" / "notes.txt").write_text("mine")
+    assert invert.main(base + ["--images-per-class", "1", "--output", str(out), "--overwrite"]) == 0
+    assert sorted(os.listdir(out / "0")) == ["00000.png", "notes.txt"]  # the stale 00001.png is gone
+    assert json.loads((out / "meta.json").read_text())["num_images"] == 10
