@@ -235,6 +235,8 @@ class DeepInversionLoss(nn.Module):
         if adi > 0 and student is None:
             raise ValueError("the ADI competition term needs a student")
         self.teacher, self.student = teacher, student
+        cfg = getattr(student, "pretrained_cfg", None) or {}
+        self.student_size = cfg.get("input_size", (0, 0, 0))[-1] or None  # ViTs take one input size only
         self.r_bn, self.first_bn_mult, self.tv_l2, self.tv_l1, self.l2 = r_bn, first_bn_mult, tv_l2, tv_l1, l2
         self.bpid, self.bpid_margin, self.bpid_lambda, self.adi = bpid, bpid_margin, bpid_lambda, adi
         self.backend = backend
@@ -278,7 +280,10 @@ class DeepInversionLoss(nn.Module):
             terms["bpid"] = bpid
         if self.adi > 0:
             self.student.eval()
-            competition = 1.0 - js_divergence(logits, self.student(x)).clamp(0.0, 1.0)
+            xs = x
+            if self.student_size and x.shape[-1] != self.student_size:  # e.g. the half-resolution phase
+                xs = F.interpolate(x, size=(self.student_size, self.student_size), mode="bilinear", align_corners=False)
+            competition = 1.0 - js_divergence(logits, self.student(xs)).clamp(0.0, 1.0)
             loss = loss + self.adi * competition
             terms["adi"] = competition
         terms["loss"] = loss

@@ -214,3 +214,9 @@ def test_overwrite_replaces_only_what_invert_wrote(tmp_path, digits_teacher):
     assert invert.main(base + ["--images-per-class", "1", "--output", str(out), "--overwrite"]) == 0
     assert sorted(os.listdir(out / "0")) == ["00000.png", "notes.txt"]  # the stale 00001.png is gone
     assert json.loads((out / "meta.json").read_text())["num_images"] == 10
+
+
+def test_adi_competition_against_a_student(tmp_path, digits_teacher):
+    student = os.path.join(os.path.dirname(digits_teacher), "student.pt")
+    out, meta = _run_invert(tmp_path, digits_teacher, "adi", "--iterations", "2", "--adi", "1", "--student-ckpt", student)
+    assert 0.0 <= meta["final_terms"]["adi"] <= 1.0 and meta["settings"]["adi"] == 1.0
