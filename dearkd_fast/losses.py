@@ -130,8 +130,10 @@ class DearKDLoss(nn.Module):
                 raise ValueError(
                     f"alignment needs patch tokens of {len(self.projections)} blocks, the student returned {len(tokens)}"
                 )
+            targets = {s: self.align_target(feats[s]) for s in set(self.pairing)}  # once per tap, not per pair
             align = sum(
-                self.align_term(tok, proj, feats[s]) for tok, proj, s in zip(tokens, self.projections, self.pairing)
+                ops.feature_align_loss(tok, proj.weight, proj.bias, targets[s], backend=self.backend)
+                for tok, proj, s in zip(tokens, self.projections, self.pairing)
             )
             loss = loss + self.beta * align
             terms["align"] = align.detach()
@@ -139,12 +141,10 @@ class DearKDLoss(nn.Module):
         self.last_terms = terms
         return loss
 
-    def align_term(self, tokens: Tensor, proj: nn.Linear, feat: Tensor) -> Tensor:
-        """L_align of one pair through ops.feature_align_loss."""
+    def align_target(self, feat: Tensor) -> Tensor:
+        """A teacher map resized to the patch grid (and standardised per channel when asked)."""
         target = resize_to_grid(feat, self.grid_size)
-        if self.standardize_target:
-            target = standardize_channels(target)
-        return ops.feature_align_loss(tokens, proj.weight, proj.bias, target, backend=self.backend)
+        return standardize_channels(target) if self.standardize_target else target
 
 
 class SupervisedLoss(nn.Module):

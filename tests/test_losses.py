@@ -138,3 +138,19 @@ def test_teacher_renormalises_inputs_of_other_statistics():
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     same, _ = Teacher(model, spec, input_norm=(spec.mean, spec.std))(as_teacher)
     torch.testing.assert_close(same, want)
+
+
+def test_each_teacher_map_prepared_once_per_step(monkeypatch):
+    """Four MHCA blocks over two taps: two resizes a step, not four."""
+    import dearkd_fast.losses as losses
+
+    teacher = make_teacher()
+    student = timm.create_model("dearkd_tiny_patch4_32", num_classes=5, embed_dim=48, depth=4, num_heads=4, num_mhca=4)
+    crit = DearKDLoss(nn.CrossEntropyLoss(), teacher, embed_dim=48, grid_size=student.grid_size, num_align=4)
+    assert crit.pairing == [0, 0, 1, 1]
+    calls = []
+    real = losses.resize_to_grid
+    monkeypatch.setattr(losses, "resize_to_grid", lambda f, g: calls.append(f.shape) or real(f, g))
+    x = torch.randn(2, 3, 32, 32)
+    crit(x, student(x), torch.tensor([0, 1]))
+    assert len(calls) == 2
