@@ -1,7 +1,7 @@
 """Fused BatchNorm-statistics loss: ||mean_c(x) - rm||_2 + ||var_c(x) - rv||_2 over (B,H,W).
 
 The kernel computes per-channel moments in one pass over x, as shifted sums
-(s = x[0, c, 0, 0]; S1 = sum(x - s), S2 = sum((x - s)^2); mean = s + S1/n, var = S2/n - (S1/n)^2)
+(s = x[0, c, 0, 0], read by the kernel itself; S1 = sum(x - s), S2 = sum((x - s)^2); mean = s + S1/n, var = S2/n - (S1/n)^2)
 so a large offset (x = 1e3 + noise) keeps its variance in fp32. x is read through its strides as
 rows (b, h, w) x channels, so NCHW and channels_last both run without a copy.
 The backward is one pass writing dx = g_mean/n + g_var * 2 (x - mean)/n.
@@ -23,13 +23,16 @@ __all__ = ["bn_stat_loss", "bn_stat_losses", "bn_moments"]
 @triton.jit
 def _moments_kernel(X, Shift, Part, R, C, HW, col0, total_c, stride_b, stride_c, stride_s,
                     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Part[pid_r, 0/1, col0 + c] = sum over this program's rows of (x - shift_c) and its square."""
+    """Part[pid_r, 0/1, col0 + c] = sum over this program's rows of (x - shift_c) and its square,
+    with shift_c = x[0, c, 0, 0] (written to Shift[col0 + c] by the first row of programs)."""
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
     split = tl.num_programs(0)
     rc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = rc < C
-    shift = tl.load(Shift + rc, mask=c_ok, other=0.0)
+    shift = tl.load(X + rc * stride_c, mask=c_ok, other=0.0).to(tl.float32)
+    if pid_r == 0:
+        tl.store(Shift + col0 + rc, shift, mask=c_ok)
     s1 = tl.zeros((BLOCK_C,), dtype=tl.float32)
     s2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
     for r0 in range(pid_r * BLOCK_R, R, split * BLOCK_R):
@@ -105,11 +108,10 @@ def bn_moments(xs: List[Tensor]) -> List[Tensor]:
         plans.append((br, bc, rows, s))
         split = max(split, s)
     part = torch.zeros((split, 2, total_c), device=device, dtype=torch.float32)
-    shifts, col0 = [], 0
+    shift = torch.empty((total_c,), device=device, dtype=torch.float32)
+    col0 = 0
     for x, (br, bc, rows, s) in zip(xs, plans):
         C = x.shape[1]
-        shift = x[0, :, 0, 0].float().contiguous()
-        shifts.append(shift)
         _moments_kernel[(s, triton.cdiv(C, bc))](x, shift, part, rows, C, x.shape[2] * x.shape[3], col0, total_c,
                                                   *_strides(x), BLOCK_R=br, BLOCK_C=bc)
         col0 += C
@@ -117,7 +119,7 @@ def bn_moments(xs: List[Tensor]) -> List[Tensor]:
     n = counts[_layer_of_channel(xs, device)]
     sums = part.sum(0)
     d_mean = sums[0] / n
-    mean = torch.cat(shifts) + d_mean
+    mean = shift + d_mean
     var = (sums[1] / n - d_mean * d_mean).clamp_min(0.0)
     return [mean, var]
 
