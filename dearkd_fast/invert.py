@@ -141,8 +141,15 @@ def batches(num_classes: int, per_class: int, batch_size: int) -> list[list[int]
     return [ids[i:i + batch_size] for i in range(0, len(ids), batch_size)]
 
 
-def pixel_bounds(mean, std, device) -> tuple[torch.Tensor, torch.Tensor]:
-    m, s = torch.tensor(mean, device=device).view(1, 3, 1, 1), torch.tensor(std, device=device).view(1, 3, 1, 1)
+def mean_std(spec: TeacherSpec, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's normalisation as [1,3,1,1] tensors: x_normalised = (pixel - mean) / std, pixels in [0, 1]."""
+    return (torch.tensor(spec.mean, device=device).view(1, 3, 1, 1),
+            torch.tensor(spec.std, device=device).view(1, 3, 1, 1))
+
+
+def pixel_bounds(spec: TeacherSpec, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The valid range [lo, hi] of normalised pixels, per channel."""
+    m, s = mean_std(spec, device)
     return (0 - m) / s, (1 - m) / s
 
 
@@ -156,7 +163,7 @@ def synthesize_batch(crit: DeepInversionLoss, targets: torch.Tensor, s: dict, sp
     if device.type == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)
     x.requires_grad_()
-    lo, hi = pixel_bounds(spec.mean, spec.std, device)
+    lo, hi = pixel_bounds(spec, device)
     phases = ([(2, s["iterations"])] if s["multi_resolution"] else []) + [(1, s["iterations"])]
     bar = tqdm(total=sum(n for _, n in phases), desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
     for pool, iters in phases:
@@ -177,7 +184,7 @@ def synthesize_batch(crit: DeepInversionLoss, targets: torch.Tensor, s: dict, sp
             loss.backward()
             opt.step()
             with torch.no_grad():
-                x.data = torch.maximum(torch.minimum(x, hi), lo)
+                x.clamp_(min=lo, max=hi)
             bar.update(1)
             if progress and it % 10 == 0:
                 bar.set_postfix(loss=f"{loss.item():.3f}", bn=f"{crit.last_terms['bn'].item():.3f}")
@@ -185,8 +192,8 @@ def synthesize_batch(crit: DeepInversionLoss, targets: torch.Tensor, s: dict, sp
     return x.detach(), {k: v.item() for k, v in crit.last_terms.items()}
 
 
-def to_uint8(x: torch.Tensor, mean, std) -> np.ndarray:
-    m, s = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+def to_uint8(x: torch.Tensor, spec: TeacherSpec) -> np.ndarray:
+    m, s = mean_std(spec)
     img = (x.float().cpu() * s + m).clamp(0, 1).mul(255).round().to(torch.uint8)
     return img.permute(0, 2, 3, 1).contiguous().numpy()
 
@@ -198,7 +205,7 @@ def image_path(output: str, spec: TeacherSpec, j: int) -> str:
 
 def save_images(x: torch.Tensor, ids: list[int], output: str, spec: TeacherSpec) -> None:
     """Each PNG written to a temporary sibling and renamed: a kill never leaves a partial image."""
-    for img, j in zip(to_uint8(x, spec.mean, spec.std), ids):
+    for img, j in zip(to_uint8(x, spec), ids):
         with atomic_write(image_path(output, spec, j)) as f:
             Image.fromarray(img).save(f, format="PNG")
 
@@ -207,8 +214,7 @@ def save_images(x: torch.Tensor, ids: list[int], output: str, spec: TeacherSpec)
 def evaluate_synthetic(model: torch.nn.Module, output: str, spec: TeacherSpec, n_images: int, device, batch_size: int):
     """Teacher accuracy on the saved PNGs (argmax == target, %) and mean intra-class feature distance."""
     model.eval()
-    m = torch.tensor(spec.mean).view(1, 3, 1, 1)
-    s = torch.tensor(spec.std).view(1, 3, 1, 1)
+    m, s = mean_std(spec)
     correct, feats, labels = 0, [], []
     for i in range(0, n_images, batch_size):
         ids = list(range(i, min(n_images, i + batch_size)))

@@ -225,7 +225,7 @@ class DeepInversionLoss(nn.Module):
 
     with w_1 = first_bn_mult and w_l = 1 after it. The BN terms of every BatchNorm2d of the teacher
     are computed together through ops.bn_stat_losses from the layers' inputs. `last_terms` holds
-    each term after a call; `last_logits` and `last_features` the teacher's outputs.
+    each term after a call.
     """
 
     def __init__(self, teacher: nn.Module, *, r_bn: float = 0.01, first_bn_mult: float = 10.0, tv_l2: float = 1e-4,
@@ -235,6 +235,8 @@ class DeepInversionLoss(nn.Module):
         if adi > 0 and student is None:
             raise ValueError("the ADI competition term needs a student")
         self.teacher, self.student = teacher, student
+        if student is not None:
+            student.eval()
         cfg = getattr(student, "pretrained_cfg", None) or {}
         self.student_size = cfg.get("input_size", (0, 0, 0))[-1] or None  # ViTs take one input size only
         self.r_bn, self.first_bn_mult, self.tv_l2, self.tv_l1, self.l2 = r_bn, first_bn_mult, tv_l2, tv_l1, l2
@@ -248,16 +250,9 @@ class DeepInversionLoss(nn.Module):
         self._features: Tensor | None = None
         self._handles.append(_classifier(teacher).register_forward_pre_hook(self._grab_features))
         self.last_terms: dict[str, Tensor] = {}
-        self.last_logits: Tensor | None = None
-        self.last_features: Tensor | None = None
 
     def _grab_features(self, module: nn.Module, args: tuple[Tensor, ...]) -> None:
         self._features = args[0]
-
-    def bn_weights(self, device: torch.device) -> Tensor:
-        w = torch.ones(len(self.bns), device=device)
-        w[0] = self.first_bn_mult
-        return w
 
     def forward(self, x: Tensor, targets: Tensor) -> Tensor:
         self._inputs = []
@@ -268,7 +263,7 @@ class DeepInversionLoss(nn.Module):
             raise RuntimeError(f"expected {len(self.bns)} BatchNorm inputs, saw {len(xs)} (compiled away?)")
         bn_losses = ops.bn_stat_losses(xs, [b.running_mean for b in self.bns], [b.running_var for b in self.bns],
                                        backend=self.backend)
-        bn = (self.bn_weights(x.device) * bn_losses).sum()
+        bn = self.first_bn_mult * bn_losses[0] + bn_losses[1:].sum()
         ce = F.cross_entropy(logits.float(), targets)
         tv2, tv1 = reference.tv_losses(x.float())
         norm = torch.linalg.vector_norm(x.float())
@@ -279,7 +274,6 @@ class DeepInversionLoss(nn.Module):
             loss = loss + self.bpid * bpid
             terms["bpid"] = bpid
         if self.adi > 0:
-            self.student.eval()
             xs = x
             if self.student_size and x.shape[-1] != self.student_size:  # e.g. the half-resolution phase
                 xs = F.interpolate(x, size=(self.student_size, self.student_size), mode="bilinear", align_corners=False)
@@ -288,7 +282,6 @@ class DeepInversionLoss(nn.Module):
             terms["adi"] = competition
         terms["loss"] = loss
         self.last_terms = {k: v.detach() for k, v in terms.items()}
-        self.last_logits, self.last_features = logits.detach(), self._features.detach()
         return loss
 
     def close(self) -> None:
