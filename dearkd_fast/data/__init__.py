@@ -47,12 +47,18 @@ class DataBundle:
     val: object
     classes: list[str]
     name: str
-    num_train: int
-    num_val: int
-    train_files: list[tuple[str, int]] = field(default_factory=list)
-    val_files: list[tuple[str, int]] = field(default_factory=list)
+    train_files: list[tuple[str, int]]  # (path, class index) after subsets and skipped files
+    val_files: list[tuple[str, int]]
     skipped: list[str] = field(default_factory=list)
     empty_classes: list[str] = field(default_factory=list)
+
+    @property
+    def num_train(self) -> int:
+        return len(self.train_files)
+
+    @property
+    def num_val(self) -> int:
+        return len(self.val_files)
 
 
 class DeviceLoader:
@@ -112,5 +118,5 @@ def build_data(cfg: DataConfig) -> DataBundle:
                                               seed=cfg.seed, rank=cfg.rank, world_size=cfg.world_size, pin_memory=pin), device)
     else:
         raise DataError(f"unknown data backend '{cfg.backend}' (torch or dali)")
-    return DataBundle(train=train, val=val, classes=scan.classes, name=name, num_train=len(train_samples),
-                      num_val=len(val_samples), train_files=train_samples, val_files=val_samples, skipped=skipped, empty_classes=scan.empty_classes)
+    return DataBundle(train=train, val=val, classes=scan.classes, name=name, train_files=train_samples,
+                      val_files=val_samples, skipped=skipped, empty_classes=scan.empty_classes)

@@ -179,8 +179,8 @@ class TeacherSpec:
 class Teacher(nn.Module):
     """A frozen CNN in eval mode; calling it returns (logits, [tap feature maps]) without grad.
 
-    `penultimate=True` on call also returns the pooled pre-logit features (for data-free losses);
-    `grad=True` keeps the graph to the input (DeepInversion optimises the images through it).
+    `input_norm=(mean, std)`: the statistics the inputs are normalised with, when they differ from the
+    teacher's own (spec.mean, spec.std); inputs are then re-normalised for it.
     """
 
     def __init__(self, model: nn.Module, spec: TeacherSpec, taps: list[str] | None = None,
@@ -188,12 +188,13 @@ class Teacher(nn.Module):
         super().__init__()
         self.model = model
         self.spec = spec
-        # inputs normalised with other statistics than the teacher's: x_t = (x * std_in + mean_in - mean_t) / std_t
-        self.renorm = None
-        if input_norm is not None and (tuple(input_norm[0]), tuple(input_norm[1])) != (tuple(spec.mean), tuple(spec.std)):
+        # x_t = (x * std_in + mean_in - mean_t) / std_t = x * renorm_scale + renorm_shift (buffers: moved once)
+        self.renorm = input_norm is not None and (tuple(input_norm[0]), tuple(input_norm[1])) != (tuple(spec.mean), tuple(spec.std))
+        if self.renorm:
             m_in, s_in = (torch.tensor(v).view(1, 3, 1, 1) for v in input_norm)
             m_t, s_t = torch.tensor(spec.mean).view(1, 3, 1, 1), torch.tensor(spec.std).view(1, 3, 1, 1)
-            self.renorm = (s_in / s_t, (m_in - m_t) / s_t)
+            self.register_buffer("renorm_scale", s_in / s_t, persistent=False)
+            self.register_buffer("renorm_shift", (m_in - m_t) / s_t, persistent=False)
         self.taps = list(taps if taps is not None else (spec.taps or default_taps(model)))
         self.spec.taps = self.taps
         self._feats: list[Tensor | None] = [None] * len(self.taps)
@@ -222,12 +223,11 @@ class Teacher(nn.Module):
         super().train(False)
         return self
 
-    def forward(self, x: Tensor, grad: bool = False) -> tuple[Tensor, list[Tensor]]:
+    def forward(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
         self.calls += 1
-        if self.renorm is not None:
-            scale, shift = (t.to(x.device, x.dtype) for t in self.renorm)
-            x = x * scale + shift
-        with torch.set_grad_enabled(grad):
+        if self.renorm:  # .to is a no-op once the buffers sit on x's device
+            x = x * self.renorm_scale.to(x.device) + self.renorm_shift.to(x.device)
+        with torch.no_grad():
             logits = self.model(x)
         feats = list(self._feats)
         self._feats = [None] * len(self.taps)
