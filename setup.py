@@ -27,6 +27,7 @@ setup(
             "pytest",
             "pytest-benchmark",
             "hypothesis",
+            "ruff==0.17.6",
             "nvidia-dali-cuda130",
         ],
         "dali": ["nvidia-dali-cuda130"],

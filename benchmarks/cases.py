@@ -16,8 +16,10 @@ import torch
 from PIL import Image
 
 from dearkd_fast import ops, reference
-from dearkd_fast.data import DataConfig, build_data
+from dearkd_fast.config import PRESETS
 from dearkd_fast.data.folder import cache_root
+from dearkd_fast.testing import folder_data
+from dearkd_fast.testing import public_bn_loss as deepinversion_bn_loss
 
 GPU = torch.cuda.is_available()
 DEV = "cuda" if GPU else "cpu"
@@ -29,15 +31,7 @@ ALIGN_SHAPE = dict(B=256, N=196, D=384, C=256) if GPU else dict(B=8, N=196, D=38
 RESNET50_BATCH, RESNET50_SIZE = (84, 224) if GPU else (2, 64)
 
 
-def deepinversion_bn_loss(x, rm, rv):
-    """The public DeepInversion hook's arithmetic: mean over (0,2,3), var via a permuted contiguous copy."""
-    C = x.shape[1]
-    mean = x.mean([0, 2, 3])
-    var = x.permute(1, 0, 2, 3).contiguous().view([C, -1]).var(1, unbiased=False)
-    return torch.norm(rv - var, 2) + torch.norm(rm - mean, 2)
-
-
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compiled(fn):
     return torch.compile(fn)
 
@@ -143,16 +137,15 @@ def imagenet_sized_folder(n_per_class=50, classes=4) -> str:
 
 
 def data_loader(root, val_root, backend, size, train, fraction=1.0):
-    cfg = DataConfig(data=root, val_data=val_root, input_size=size, batch_size=64, workers=THREADS, backend=backend,
-                     device=DEV, progress=False, pad_crop=False, hflip=0.5, crop_pct=0.875 if size > 64 else 1.0,
-                     data_fraction=fraction)
-    data = build_data(cfg)
+    data = folder_data(root, backend, val_source=val_root, size=size, crop_pct=0.875 if size > 64 else 1.0,
+                       batch_size=64, workers=THREADS, device=DEV, pad_crop=False, hflip=0.5, fraction=fraction)
     return (data.train, data.num_train) if train else (data.val, data.num_val)
 
 
 
 
 # ---- DeepInversion iterations
+P = PRESETS["224"].inversion  # the public DeepInversion coefficients, for both variants
 INVERT_CFG = dict(arch="resnet50", batch=84, res=224, num_classes=1000) if GPU else \
     dict(arch="cifar_resnet8", batch=64, res=32, num_classes=10)
 
@@ -192,9 +185,9 @@ def inversion_case(variant: str, arch: str, batch: int, res: int, num_classes: i
         def step():
             opt.zero_grad()
             logits = model(x)
-            bn = sum((10.0 if i == 0 else 1.0) * h.r_feature for i, h in enumerate(hooks))
+            bn = sum((P.first_bn_mult if i == 0 else 1.0) * h.r_feature for i, h in enumerate(hooks))
             tv2, _ = reference.tv_losses(x)
-            loss = torch.nn.functional.cross_entropy(logits, y) + 0.01 * bn + 1e-4 * tv2 + 1e-5 * x.norm()
+            loss = torch.nn.functional.cross_entropy(logits, y) + P.r_bn * bn + P.tv_l2 * tv2 + P.l2 * x.norm()
             loss.backward()
             opt.step()
 
@@ -206,7 +199,7 @@ def inversion_case(variant: str, arch: str, batch: int, res: int, num_classes: i
         x = x.contiguous(memory_format=torch.channels_last)
     x.requires_grad_()
     opt = torch.optim.Adam([x], lr=0.1, betas=(0.5, 0.9))
-    crit = DeepInversionLoss(model, r_bn=0.01, tv_l2=1e-4, l2=1e-5)
+    crit = DeepInversionLoss(model)  # the public coefficients (PRESETS["224"]) are its defaults
     if variant == "fast-compiled":
         crit.teacher = torch.compile(model)
 

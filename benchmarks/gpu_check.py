@@ -12,9 +12,23 @@ import torch
 import triton.testing
 
 sys.path.insert(0, os.path.dirname(__file__))
-from cases import (ALIGN_SHAPE, ALIGN_VARIANTS, BN_SHAPE, BN_VARIANTS, RESNET50_BATCH, RESNET50_SIZE,  # noqa: E402
-                   INVERT_CFG, INVERT_VARIANTS, THREADS, align_case, bn_case, data_loader, imagenet_sized_folder,
-                   inversion_case, resnet50_bn_shapes)
+from cases import (  # noqa: E402
+    ALIGN_SHAPE,
+    ALIGN_VARIANTS,
+    BN_SHAPE,
+    BN_VARIANTS,
+    INVERT_CFG,
+    INVERT_VARIANTS,
+    RESNET50_BATCH,
+    RESNET50_SIZE,
+    THREADS,
+    align_case,
+    bn_case,
+    data_loader,
+    imagenet_sized_folder,
+    inversion_case,
+    resnet50_bn_shapes,
+)
 
 from dearkd_fast import ops, reference  # noqa: E402
 
@@ -56,7 +70,8 @@ def correctness() -> list[str]:
     xd = x.detach().double().requires_grad_()
     ref = reference.bn_stat_loss(xd, rm.double(), rv.double())
     ref.backward()
-    lines.append(f"bn_stat_loss {BN_SHAPE} bf16 channels_last: loss rel err {rel(loss, ref):.2e}, dx rel err {rel(xl.grad, xd.grad):.2e}")
+    lines.append(f"bn_stat_loss {BN_SHAPE} bf16 channels_last: loss rel err {rel(loss, ref):.2e}, "
+                 f"dx rel err {rel(xl.grad, xd.grad):.2e}")
     B, N, D, C = ALIGN_SHAPE["B"], ALIGN_SHAPE["N"], ALIGN_SHAPE["D"], ALIGN_SHAPE["C"]
     t = torch.randn(B, N + 2, D, device="cuda", generator=g).bfloat16()[:, 2:]
     w = (torch.randn(C, D, device="cuda", generator=g) / D**0.5).bfloat16()
@@ -100,7 +115,7 @@ def loader_rows() -> list[str]:
         import nvidia.dali  # noqa: F401
     except ImportError:
         return ["## input pipeline", "", "DALI is not installed on this machine: loader figures skipped."]
-    rows = ["## input pipeline (500x375 JPEG -> 224 px, %d CPU threads)" % THREADS, "",
+    rows = [f"## input pipeline (500x375 JPEG -> 224 px, {THREADS} CPU threads)", "",
             "| transform | torchvision img/s | DALI mixed img/s | DALI / torchvision |", "|---|---|---|---|"]
     root = imagenet_sized_folder()
     for mode in ("train", "eval"):
@@ -154,7 +169,7 @@ def main() -> int:
             torch.cuda.empty_cache()
         for v, (t, nbytes, peak) in times.items():
             gbs = nbytes / (t * 1e-3) / 1e9
-            sp = lambda k: f"{times[k][0] / t:.2f}" if k in times else "-"  # noqa: E731
+            sp = lambda k, t=t, times=times: f"{times[k][0] / t:.2f}" if k in times else "-"  # noqa: E731
             rows.append(f"| {title} | {v} | {t:.3f} | {gbs:.0f} | {100 * gbs / bw:.0f}% | {sp('eager')} | "
                         f"{sp('compiled')} | {sp('deepinversion')} | {peak:.0f} |")
     text = "\n".join(header + ["## timings (triton.testing.do_bench median)", ""] + rows + [""] + inversion_rows() + [""] +

@@ -2,14 +2,14 @@
 
 `pytest benchmarks/test_data.py --benchmark-only`. Images per second are in extra_info. Sets: the
 CIFAR-10 JPEGs of ../shared/data/cifar10 (train: a class-balanced 2,000-image slice; eval: the
-10,000 test images; skipped with a reason where the tarballs are absent) and generated 500x375 JPEGs (ImageNet-sized, written once into the cache).
+10,000 test images; skipped with a reason where the tarballs are absent) and generated 500x375 JPEGs
+(ImageNet-sized, written once into the cache).
 On a CPU machine DALI runs in its CPU-only mode; on a GPU it decodes with "mixed".
 """
 import os
 
 import pytest
 import torch
-
 from cases import DEV as DEVICE
 from cases import THREADS, data_loader, imagenet_sized_folder
 

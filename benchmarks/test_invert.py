@@ -5,7 +5,6 @@ weights), 224 px, batch 84; CPU: the 32 px cifar_resnet8 teacher, batch 64 (benc
 """
 import pytest
 import torch
-
 from cases import GPU, INVERT_CFG, INVERT_VARIANTS, inversion_case
 
 

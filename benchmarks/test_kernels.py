@@ -5,9 +5,18 @@ shapes are scaled down (benchmarks/cases.py); on a GPU the shapes of record are 
 """
 import pytest
 import torch
-
-from cases import (ALIGN_SHAPE, ALIGN_VARIANTS, BN_SHAPE, BN_VARIANTS, GPU, RESNET50_BATCH, RESNET50_SIZE,
-                   align_case, bn_case, resnet50_bn_shapes)
+from cases import (
+    ALIGN_SHAPE,
+    ALIGN_VARIANTS,
+    BN_SHAPE,
+    BN_VARIANTS,
+    GPU,
+    RESNET50_BATCH,
+    RESNET50_SIZE,
+    align_case,
+    bn_case,
+    resnet50_bn_shapes,
+)
 
 
 def _sync():

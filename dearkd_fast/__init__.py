@@ -4,6 +4,8 @@ Importing the package registers the student (`dearkd_*`) and CIFAR teacher (`cif
 models with timm.
 """
 from . import ops, reference
+from .config import InvertConfig, TrainConfig
+from .errors import DearKDError, InputError, RunError
 from .losses import DearKDLoss, DeepInversionHook
 from .models import student as _student  # noqa: F401  (timm registration)
 from .models import teacher as _teacher  # noqa: F401  (timm registration)
@@ -11,4 +13,5 @@ from .models.student import DearKDViT
 from .models.teacher import Teacher, load_teacher
 
 __version__ = "0.1.0"
-__all__ = ["DearKDLoss", "DeepInversionHook", "DearKDViT", "Teacher", "load_teacher", "ops", "reference", "__version__"]
+__all__ = ["DearKDError", "InputError", "RunError", "TrainConfig", "InvertConfig", "DearKDLoss", "DeepInversionHook",
+           "DearKDViT", "Teacher", "load_teacher", "ops", "reference", "__version__"]

@@ -1,7 +1,10 @@
-"""Atomic writes and resumable training checkpoints.
+"""Atomic writes, model files and resumable training checkpoints.
 
-Every file the project writes goes through `atomic_write`: written to a temporary file in the same
-folder, flushed to disk, then renamed over the target, so a killed run never leaves a torn file.
+Every file the project writes whole (checkpoints, model files, summaries, images, manifests) goes
+through `atomic_write`: written to a temporary file in the same folder, flushed to disk, then renamed
+over the target, so a killed run never leaves a torn file. The one exception is the trainer's
+append-only `metrics.jsonl`, which gains one line per epoch (and is rewritten from the checkpoint's
+records on --resume).
 """
 from __future__ import annotations
 
@@ -15,7 +18,10 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-__all__ = ["atomic_write", "atomic_save", "atomic_write_json", "rng_state", "set_rng_state", "load_checkpoint"]
+from .errors import CheckpointError
+
+__all__ = ["atomic_write", "atomic_save", "atomic_write_json", "rng_state", "set_rng_state", "load_checkpoint",
+           "load_model_file"]
 
 
 @contextmanager
@@ -66,4 +72,23 @@ def set_rng_state(state: dict) -> None:
 
 def load_checkpoint(path: str) -> dict:
     """Read a training checkpoint written by the trainer (on the CPU; the caller moves tensors)."""
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is a bad input
+        raise CheckpointError(f"checkpoint '{path}' cannot be read: {type(e).__name__}") from None
+    if not isinstance(ck, dict) or "student" not in ck:
+        raise CheckpointError(f"'{path}' is not a dearkd_fast training checkpoint")
+    return ck
+
+
+def load_model_file(path: str, kind: str, fmt: str, map_location: str | torch.device = "cpu") -> dict:
+    """Read a teacher.pt / student.pt (weights_only: a file cannot run code) and check its format tag."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{kind} checkpoint '{path}' does not exist")
+    try:
+        ck = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is a bad input
+        raise CheckpointError(f"{kind} checkpoint '{path}' cannot be read: {type(e).__name__}") from None
+    if not isinstance(ck, dict) or ck.get("format") != fmt:
+        raise CheckpointError(f"'{path}' is not a dearkd_fast {kind} checkpoint (format {fmt})")
+    return ck

@@ -9,6 +9,8 @@ import torch.nn as nn
 from torch import Tensor
 from tqdm import tqdm
 
+from .errors import RunError
+
 __all__ = ["train_one_epoch", "evaluate", "cosine_schedule", "autocast"]
 
 
@@ -74,10 +76,10 @@ def train_one_epoch(
         if progress and step % 10 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
     if seen == 0:
-        raise RuntimeError("the training loader yielded no batch (fewer images than one batch?)")
+        raise RunError("the training loader yielded no batch (fewer images than one batch?)")
     out = {k: (v / seen).item() for k, v in sums.items()}
     if not math.isfinite(out["loss"]):
-        raise RuntimeError(f"training loss is {out['loss']} (diverged); lower --lr or use --max-norm")
+        raise RunError(f"training loss is {out['loss']} (diverged); lower --lr or use --max-norm")
     out["lr"] = optimizer.param_groups[0]["lr"]
     return out
 
@@ -101,7 +103,7 @@ def evaluate(model: Callable[[Tensor], Tensor], loader, *, device: torch.device,
         correct5 = correct5 + hit.any(dim=1).sum()
         seen += labels.shape[0]
     if seen == 0:
-        raise RuntimeError("the evaluation loader yielded no sample")
+        raise RunError("the evaluation loader yielded no sample")
     return {
         "top1": 100.0 * correct1.item() / seen,
         "top5": 100.0 * correct5.item() / seen,

@@ -16,9 +16,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops, reference
+from .config import PRESETS
+from .errors import InputError, RunError
 from .models.teacher import Teacher
 
-__all__ = ["DearKDLoss", "SupervisedLoss", "DeepInversionHook", "DeepInversionLoss", "js_divergence", "penultimate", "resize_to_grid", "align_pairing"]
+__all__ = ["DearKDLoss", "SupervisedLoss", "DeepInversionHook", "DeepInversionLoss", "js_divergence", "penultimate",
+           "resize_to_grid", "align_pairing"]
 
 
 def resize_to_grid(feat: Tensor, grid: tuple[int, int]) -> Tensor:
@@ -78,9 +81,9 @@ class DearKDLoss(nn.Module):
     ):
         super().__init__()
         if distillation_type not in ("hard", "soft"):
-            raise ValueError(f"distillation_type must be 'hard' or 'soft', got '{distillation_type}'")
+            raise InputError(f"distillation_type must be 'hard' or 'soft', got '{distillation_type}'")
         if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+            raise InputError(f"alpha must be in [0, 1], got {alpha}")
         self.base_criterion = base_criterion
         self.teacher = teacher
         self.distillation_type = distillation_type
@@ -92,7 +95,7 @@ class DearKDLoss(nn.Module):
         self.projections = nn.ModuleList()
         if num_align > 0 and beta > 0:
             if teacher is None or embed_dim is None or grid_size is None:
-                raise ValueError("feature alignment needs a teacher, embed_dim and grid_size")
+                raise InputError("feature alignment needs a teacher, embed_dim and grid_size")
             channels = teacher.channels()
             self.pairing = align_pairing(num_align, len(channels))
             self.projections.extend(nn.Linear(embed_dim, channels[s]) for s in self.pairing)
@@ -102,13 +105,13 @@ class DearKDLoss(nn.Module):
     def set_stage(self, stage: int) -> None:
         """1: CE + KD + alignment (teacher runs); 2: labels only on both heads (teacher never runs)."""
         if stage not in (1, 2):
-            raise ValueError(f"stage must be 1 or 2, got {stage}")
+            raise InputError(f"stage must be 1 or 2, got {stage}")
         self.stage = stage
 
     def forward(self, inputs: Tensor, outputs, labels: Tensor) -> Tensor:
         cls_logits, dist_logits, tokens = _split_outputs(outputs)
         if dist_logits is None:
-            raise ValueError("DearKDLoss needs the student's (cls_logits, dist_logits[, tokens]) training output")
+            raise InputError("DearKDLoss needs the student's (cls_logits, dist_logits[, tokens]) training output")
         if self.stage == 2:
             ce_cls = self.base_criterion(cls_logits, labels)
             ce_dist = self.base_criterion(dist_logits, labels)
@@ -116,7 +119,7 @@ class DearKDLoss(nn.Module):
             self.last_terms = {"loss": loss.detach(), "ce": ce_cls.detach(), "ce_dist": ce_dist.detach()}
             return loss
         if self.teacher is None:
-            raise ValueError("stage 1 needs a teacher")
+            raise InputError("stage 1 needs a teacher")
         teacher_logits, feats = self.teacher(inputs)
         ce = self.base_criterion(cls_logits, labels)
         if self.distillation_type == "hard":
@@ -127,7 +130,7 @@ class DearKDLoss(nn.Module):
         terms = {"ce": ce.detach(), "kd": kd.detach()}
         if self.projections:
             if len(tokens) < len(self.projections):
-                raise ValueError(
+                raise InputError(
                     f"alignment needs patch tokens of {len(self.projections)} blocks, the student returned {len(tokens)}"
                 )
             targets = {s: self.align_target(feats[s]) for s in set(self.pairing)}  # once per tap, not per pair
@@ -171,7 +174,7 @@ class DeepInversionHook:
 
     def __init__(self, module: nn.Module, backend: str = "auto"):
         if not isinstance(module, nn.modules.batchnorm._BatchNorm) or module.running_mean is None:
-            raise ValueError(f"DeepInversionHook needs a BatchNorm layer with running statistics, got {type(module).__name__}")
+            raise InputError(f"DeepInversionHook needs a BatchNorm layer with running statistics, got {type(module).__name__}")
         self.module = module
         self.backend = backend
         self.r_feature: Tensor | None = None
@@ -196,7 +199,7 @@ def _classifier(model: nn.Module) -> nn.Module:
             m = m[-1]
         if isinstance(m, nn.Linear):
             return m
-    raise ValueError(f"cannot find the classifier of {type(model).__name__} for penultimate features")
+    raise InputError(f"cannot find the classifier of {type(model).__name__} for penultimate features")
 
 
 def penultimate(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -217,6 +220,9 @@ def js_divergence(p_logits: Tensor, q_logits: Tensor) -> Tensor:
     return 0.5 * (F.kl_div(m, p, reduction="batchmean") + F.kl_div(m, q, reduction="batchmean"))
 
 
+_PUBLIC = PRESETS["224"].inversion  # the public DeepInversion coefficients are the defaults
+
+
 class DeepInversionLoss(nn.Module):
     """DeepInversion's objective with the boundary-preserving intra-divergence term (our formulation):
 
@@ -228,12 +234,13 @@ class DeepInversionLoss(nn.Module):
     each term after a call.
     """
 
-    def __init__(self, teacher: nn.Module, *, r_bn: float = 0.01, first_bn_mult: float = 10.0, tv_l2: float = 1e-4,
-                 tv_l1: float = 0.0, l2: float = 1e-5, bpid: float = 0.0, bpid_margin: float = 1.0,
+    def __init__(self, teacher: nn.Module, *, r_bn: float = _PUBLIC.r_bn, first_bn_mult: float = _PUBLIC.first_bn_mult,
+                 tv_l2: float = _PUBLIC.tv_l2, tv_l1: float = _PUBLIC.tv_l1, l2: float = _PUBLIC.l2, bpid: float = 0.0,
+                 bpid_margin: float = 1.0,
                  bpid_lambda: float = 0.3, adi: float = 0.0, student: nn.Module | None = None, backend: str = "auto"):
         super().__init__()
         if adi > 0 and student is None:
-            raise ValueError("the ADI competition term needs a student")
+            raise InputError("the ADI competition term needs a student")
         self.teacher, self.student = teacher, student
         if student is not None:
             student.eval()
@@ -244,7 +251,7 @@ class DeepInversionLoss(nn.Module):
         self.backend = backend
         self.bns = [m for m in teacher.modules() if isinstance(m, nn.BatchNorm2d)]
         if not self.bns:
-            raise ValueError("DeepInversion needs a teacher with BatchNorm2d layers")
+            raise InputError("DeepInversion needs a teacher with BatchNorm2d layers")
         self._inputs: list[Tensor] = []
         self._handles = [bn.register_forward_pre_hook(lambda m, a: self._inputs.append(a[0])) for bn in self.bns]
         self._features: Tensor | None = None
@@ -260,7 +267,7 @@ class DeepInversionLoss(nn.Module):
         xs = self._inputs
         self._inputs = []
         if len(xs) != len(self.bns):
-            raise RuntimeError(f"expected {len(self.bns)} BatchNorm inputs, saw {len(xs)} (compiled away?)")
+            raise RunError(f"expected {len(self.bns)} BatchNorm inputs, saw {len(xs)} (compiled away?)")
         bn_losses = ops.bn_stat_losses(xs, [b.running_mean for b in self.bns], [b.running_var for b in self.bns],
                                        backend=self.backend)
         bn = self.first_bn_mult * bn_losses[0] + bn_losses[1:].sum()

@@ -13,15 +13,13 @@ import os
 import torch
 from torch import Tensor
 
-from . import reference
+from . import config, reference
+from .errors import BackendError, InputError
 
-__all__ = ["feature_align_loss", "bn_stat_loss", "bn_stat_losses", "available_backends", "resolve_backend", "BackendError", "BACKENDS"]
+__all__ = ["feature_align_loss", "bn_stat_loss", "bn_stat_losses", "available_backends", "resolve_backend", "BackendError",
+           "BACKENDS"]
 
-BACKENDS = ("auto", "triton", "native", "torch")
-
-
-class BackendError(RuntimeError):
-    """A backend was asked for that cannot run here or on these tensors."""
+BACKENDS = config.BACKENDS
 
 
 def _interpreting() -> bool:
@@ -92,9 +90,9 @@ def bn_stat_loss(x: Tensor, running_mean: Tensor, running_var: Tensor, *, backen
 def bn_stat_losses(xs: list[Tensor], running_means: list[Tensor], running_vars: list[Tensor], *,
                    backend: str = "auto") -> Tensor:
     """bn_stat_loss of many layers at once: an [L] fp32 tensor. The Triton path finalises every
-    layer's statistics together (one moments launch per layer, then a fixed handful of launches)."""
+    layer's statistics together (one moments launch per layer, then about 25 launches for all layers)."""
     if not (len(xs) == len(running_means) == len(running_vars)) or not xs:
-        raise ValueError("bn_stat_losses: give one running mean and variance per input, and at least one input")
+        raise InputError("bn_stat_losses: give one running mean and variance per input, and at least one input")
     for x, m, v in zip(xs, running_means, running_vars):
         reference.check_bn_shapes(x, m, v)
     chosen = resolve_backend(backend, xs[0])

@@ -2,13 +2,15 @@
 
 Each function states its formula. They accept any floating dtype and accumulate in at least
 fp32 (float64 stays float64), so the same code is the float64 reference in the tests.
-The formulation is the project's own (DESIGN.md §2), not the paper's exact equations.
+The formulation is the project's own (README, "What is implemented: our formulation"), not the paper's exact equations.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .errors import InputError
 
 __all__ = [
     "feature_align_loss",
@@ -29,22 +31,22 @@ def _acc_dtype(*tensors: Tensor) -> torch.dtype:
 
 
 def check_align_shapes(tokens: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor) -> None:
-    """Raise ValueError naming the mismatch between tokens [B,N,D], weight [C,D], bias [C], target [B,C,h,w]."""
+    """Raise InputError naming the mismatch between tokens [B,N,D], weight [C,D], bias [C], target [B,C,h,w]."""
     if tokens.dim() != 3:
-        raise ValueError(f"feature_align_loss: tokens must be [B,N,D], got shape {tuple(tokens.shape)}")
+        raise InputError(f"feature_align_loss: tokens must be [B,N,D], got shape {tuple(tokens.shape)}")
     if weight.dim() != 2:
-        raise ValueError(f"feature_align_loss: weight must be [C,D], got shape {tuple(weight.shape)}")
+        raise InputError(f"feature_align_loss: weight must be [C,D], got shape {tuple(weight.shape)}")
     if target.dim() != 4:
-        raise ValueError(f"feature_align_loss: target must be [B,C,h,w], got shape {tuple(target.shape)}")
+        raise InputError(f"feature_align_loss: target must be [B,C,h,w], got shape {tuple(target.shape)}")
     B, N, D = tokens.shape
     C = weight.shape[0]
     if weight.shape[1] != D:
-        raise ValueError(f"feature_align_loss: weight is {tuple(weight.shape)} but tokens have D={D}")
+        raise InputError(f"feature_align_loss: weight is {tuple(weight.shape)} but tokens have D={D}")
     if bias is not None and tuple(bias.shape) != (C,):
-        raise ValueError(f"feature_align_loss: bias must be [{C}], got shape {tuple(bias.shape)}")
+        raise InputError(f"feature_align_loss: bias must be [{C}], got shape {tuple(bias.shape)}")
     tb, tc, th, tw = target.shape
     if tb != B or tc != C or th * tw != N:
-        raise ValueError(
+        raise InputError(
             f"feature_align_loss: target {tuple(target.shape)} does not fit tokens {tuple(tokens.shape)} "
             f"and weight {tuple(weight.shape)} (need [B={B}, C={C}, h, w] with h*w={N})"
         )
@@ -66,12 +68,12 @@ def feature_align_loss(tokens: Tensor, weight: Tensor, bias: Tensor | None, targ
 
 
 def check_bn_shapes(x: Tensor, running_mean: Tensor, running_var: Tensor) -> None:
-    """Raise ValueError unless x is [B,C,H,W] and both running statistics are [C]."""
+    """Raise InputError unless x is [B,C,H,W] and both running statistics are [C]."""
     if x.dim() != 4:
-        raise ValueError(f"bn_stat_loss: x must be [B,C,H,W], got shape {tuple(x.shape)}")
+        raise InputError(f"bn_stat_loss: x must be [B,C,H,W], got shape {tuple(x.shape)}")
     C = x.shape[1]
     if running_mean.shape != (C,) or running_var.shape != (C,):
-        raise ValueError(
+        raise InputError(
             f"bn_stat_loss: running stats {tuple(running_mean.shape)}/{tuple(running_var.shape)} "
             f"do not fit x with C={C}"
         )
@@ -128,7 +130,7 @@ def tv_losses(x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def bpid_loss(features: Tensor, logits: Tensor, labels: Tensor, margin: float, lam: float) -> Tensor:
-    """Boundary-preserving intra-divergence (our formulation, DESIGN §2).
+    """Boundary-preserving intra-divergence (our formulation, see the README).
 
     z_i = features_i / ||features_i||;
     L = - mean_{i != j, y_i = y_j} ||z_i - z_j||_2

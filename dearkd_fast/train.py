@@ -3,15 +3,18 @@
 With no arguments: trains a CIFAR-style ResNet teacher on the built-in `digits` set, then the
 DearKD student through stage 1 (CE + KD + early-feature alignment) and stage 2 (labels only),
 and prints a results table. Exit 0 on success, 2 on bad input (one line), 1 on a run-time failure.
+
+The run is a short sequence of steps: check_inputs -> load_data -> prepare_teacher ->
+build_student -> resume -> fit -> finalise.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
 import sys
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
 import timm
@@ -19,93 +22,226 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from . import engine, ops
-from .cli import Parser, UsageError, check_output, pick_device, run_cli
+from . import config, engine, ops
 from .checkpoint import atomic_save, atomic_write_json, load_checkpoint, rng_state, set_rng_state
-from .data import DataConfig, build_data
+from .cli import check_output, run_cli
+from .config import TrainConfig
+from .data import DataBundle, InputSpec, build_data
+from .errors import CheckpointError, InputError
 from .losses import DearKDLoss, SupervisedLoss
-from .models.teacher import Teacher, TeacherCheckpointError, TeacherSpec, create_teacher_model, load_teacher, save_teacher
+from .models.student import save_student
+from .models.teacher import Teacher, TeacherSpec, create_teacher_model, load_teacher, save_teacher
 
 PROG = "dearkd_fast.train"
+DESCRIPTION = __doc__.split("\n\n")[0]
 RUN_FILES = ("summary.json", "metrics.jsonl", "checkpoint.pt", "student.pt")
+log = tqdm.write
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog=f"python -m {PROG}", description=__doc__.split("\n\n")[0],
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    d = p.add_argument_group("data")
-    d.add_argument("--data", default="digits", help="ImageFolder root, 'digits' (built in), or 'cifar10[:TARBALL_DIR]'")
-    d.add_argument("--val-data", default=None, help="validation ImageFolder (default: the built-in set's split, "
-                   "else a class-balanced 10%% hold-out of --data)")
-    d.add_argument("--data-fraction", type=float, default=1.0, help="class-balanced share of the training images, in (0, 1]")
-    d.add_argument("--allow-empty-classes", action="store_true", help="report empty class folders instead of failing")
-    d.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="data loading workers/threads")
-    d.add_argument("--dali", action="store_true", help="decode and augment with NVIDIA DALI (GPU when --device is CUDA)")
-    d.add_argument("--hflip", type=float, default=None, help="horizontal flip probability (default 0 on digits, else 0.5)")
-    d.add_argument("--randaug", default=None, help="timm RandAugment string, e.g. rand-m9-mstd0.5")
-    d.add_argument("--mixup", type=float, default=0.0, help="Mixup alpha (0: off)")
-    d.add_argument("--cutmix", type=float, default=0.0, help="CutMix alpha (0: off)")
-    d.add_argument("--smoothing", type=float, default=0.0, help="label smoothing")
-    m = p.add_argument_group("models")
-    m.add_argument("--model", default="dearkd_micro_patch4_32", help="student (timm name, dearkd_*)")
-    m.add_argument("--teacher", default="cifar_resnet8", help="teacher architecture (timm name or tv:<torchvision name>)")
-    m.add_argument("--teacher-ckpt", default=None, help="teacher.pt to load instead of training a teacher")
-    m.add_argument("--teacher-epochs", type=int, default=10, help="epochs to train the teacher when no --teacher-ckpt")
-    m.add_argument("--teacher-lr", type=float, default=2e-3)
-    m.add_argument("--teacher-taps", default=None, help="comma-separated teacher modules to align to (default: first two stages)")
-    o = p.add_argument_group("optimisation")
-    o.add_argument("--epochs", type=int, default=20)
-    o.add_argument("--stage1-epochs", type=int, default=None, help="E1: epochs of stage 1 (default: 2/3 of --epochs)")
-    o.add_argument("--batch-size", type=int, default=64)
-    o.add_argument("--lr", type=float, default=1e-3)
-    o.add_argument("--min-lr-ratio", type=float, default=0.01)
-    o.add_argument("--weight-decay", type=float, default=0.05)
-    o.add_argument("--warmup-epochs", type=int, default=2)
-    o.add_argument("--max-norm", type=float, default=None, help="gradient clipping norm")
-    k = p.add_argument_group("distillation")
-    k.add_argument("--alpha", type=float, default=0.5, help="weight of KD against CE in stage 1")
-    k.add_argument("--beta", type=float, default=1.0, help="weight of the feature-alignment losses")
-    k.add_argument("--distillation-type", choices=["hard", "soft"], default="hard")
-    k.add_argument("--tau", type=float, default=1.0, help="soft-KD temperature")
-    k.add_argument("--align-standardize", action="store_true", help="per-channel standardise teacher maps before alignment")
-    r = p.add_argument_group("run")
-    r.add_argument("--output", default=None, help="output folder (default runs/<date-time>)")
-    r.add_argument("--resume", action="store_true", help="continue the run in --output")
-    r.add_argument("--overwrite", action="store_true", help="replace a finished run in --output")
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    r.add_argument("--amp", action="store_true", help="bf16 autocast")
-    r.add_argument("--compile", action="store_true", help="torch.compile the student")
-    r.add_argument("--backend", default="auto", choices=list(ops.BACKENDS), help="loss kernels (dearkd_fast.ops)")
-    r.add_argument("--no-progress", action="store_true", help="no progress bars")
-    return p
+def build_parser():
+    return config.build_parser(TrainConfig, f"python -m {PROG}", DESCRIPTION)
 
 
-def validate(args: argparse.Namespace) -> None:
-    if args.epochs < 1:
-        raise UsageError(f"--epochs must be at least 1, got {args.epochs}")
-    if args.stage1_epochs is None:
-        args.stage1_epochs = (2 * args.epochs + 2) // 3
-    if not 0 <= args.stage1_epochs <= args.epochs:
-        raise UsageError(f"--stage1-epochs must be in [0, --epochs={args.epochs}], got {args.stage1_epochs}")
-    if not 0.0 < args.data_fraction <= 1.0:
-        raise UsageError(f"--data-fraction must be in (0, 1], got {args.data_fraction}")
-    if args.batch_size < 1 or args.lr <= 0 or args.workers < 0:
-        raise UsageError("--batch-size must be >= 1, --lr > 0 and --workers >= 0")
-    if not 0.0 <= args.alpha <= 1.0:
-        raise UsageError(f"--alpha must be in [0, 1], got {args.alpha}")
-    if (args.mixup > 0 or args.cutmix > 0) and args.batch_size % 2:
-        raise UsageError("--mixup/--cutmix need an even --batch-size")
-    if args.teacher_ckpt is None and args.teacher_epochs < 1 and args.stage1_epochs > 0:
-        raise UsageError("stage 1 needs a teacher: give --teacher-ckpt or --teacher-epochs >= 1")
-    if not timm.is_model(args.model):
-        raise UsageError(f"unknown student model '{args.model}'")
-    if args.output is None:
-        args.output = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
-    check_output(args.output, RUN_FILES, args.resume, args.overwrite, "checkpoint.pt")
-    if args.teacher_ckpt is not None and not os.path.isfile(args.teacher_ckpt):
-        raise UsageError(f"--teacher-ckpt '{args.teacher_ckpt}' does not exist")
-    args.device = pick_device(args.device)
+@dataclass
+class Student:
+    """The trainable side of a run: the student, its criterion (holding the alignment projections),
+    the optimizer and schedule over both, and the epoch records so far."""
+
+    model: nn.Module
+    criterion: DearKDLoss
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    records: list[dict] = field(default_factory=list)
+    start_epoch: int = 0
+
+
+# ---------------------------------------------------------------------------------------------- steps
+
+
+def check_inputs(cfg: TrainConfig) -> None:
+    """What can be refused before any work: unknown model, occupied output, missing files, backend."""
+    if not timm.is_model(cfg.model):
+        raise InputError(f"unknown student model '{cfg.model}'")
+    check_output(cfg.output, RUN_FILES, cfg.run.resume, cfg.run.overwrite, "checkpoint.pt")
+    if cfg.teacher_ckpt is not None and not os.path.isfile(cfg.teacher_ckpt):
+        raise InputError(f"--teacher-ckpt '{cfg.teacher_ckpt}' does not exist")
+    if cfg.run.backend != "auto":
+        ops.resolve_backend(cfg.run.backend, torch.empty(0, device=cfg.run.torch_device))  # fail now, not mid-epoch
+
+
+def load_data(cfg: TrainConfig, device: torch.device) -> tuple[DataBundle, InputSpec]:
+    """Scan, split and load the images at the student's input size and normalisation."""
+    inputs = InputSpec.of_model(cfg.model)
+    data = build_data(cfg.data, inputs, batch_size=cfg.batch_size, seed=cfg.run.seed, device=device, amp=cfg.run.amp,
+                      progress=cfg.run.progress)
+    log(f"data: {data.name}, {len(data.classes)} classes, {data.num_train} train / {data.num_val} val images"
+        + (f", {len(data.skipped)} undecodable files skipped" if data.skipped else "")
+        + (f", empty classes: {', '.join(data.empty_classes)}" if data.empty_classes else ""))
+    return data, inputs
+
+
+def prepare_teacher(cfg: TrainConfig, data: DataBundle, inputs: InputSpec, device: torch.device) -> Teacher | None:
+    """Load --teacher-ckpt (or this run's teacher.pt on --resume), else train one; evaluate it; None
+    when no epoch of stage 1 needs it."""
+    if not cfg.needs_teacher:
+        return None
+    own = os.path.join(cfg.output, "teacher.pt")
+    path = cfg.teacher_ckpt or (own if cfg.run.resume and os.path.isfile(own) else None)
+    if path:
+        model, spec = load_teacher(path, num_classes=len(data.classes), class_names=list(data.classes))
+        model = model.to(device)
+        log(f"teacher: {spec.arch} from {path}")
+    else:
+        model, spec = train_teacher(cfg, data, inputs, device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    taps = cfg.teacher_taps.split(",") if cfg.teacher_taps else None
+    teacher = Teacher(model, spec, taps, input_norm=(inputs.mean, inputs.std))
+    spec.top1 = engine.evaluate(lambda x: teacher(x)[0], data.val, device=device, amp=cfg.run.amp, desc="teacher eval",
+                                progress=cfg.run.progress)["top1"]
+    if not path:
+        save_teacher(model, spec, own)
+    log(f"teacher {spec.arch}: top-1 {spec.top1:.2f}% (taps {', '.join(teacher.taps)})")
+    return teacher
+
+
+def train_teacher(cfg: TrainConfig, data: DataBundle, inputs: InputSpec, device: torch.device) -> tuple[nn.Module, TeacherSpec]:
+    """Train --teacher from scratch on the run's data (CE, AdamW, warm-up + cosine)."""
+    model = create_teacher_model(cfg.teacher, len(data.classes)).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    opt = make_optimizer(param_groups([model], cfg.teacher_weight_decay), cfg.teacher_lr, device)
+    steps_per_epoch = len(data.train)
+    sched = engine.cosine_schedule(opt, cfg.teacher_warmup_steps(steps_per_epoch), cfg.teacher_epochs * steps_per_epoch)
+    crit = SupervisedLoss(nn.CrossEntropyLoss())
+    for epoch in range(cfg.teacher_epochs):
+        stats = engine.train_one_epoch(model, crit, data.train, opt, sched, device=device, amp=cfg.run.amp,
+                                       desc=f"teacher {epoch + 1}/{cfg.teacher_epochs}", progress=cfg.run.progress)
+        log(f"teacher epoch {epoch + 1}/{cfg.teacher_epochs}  loss {stats['loss']:.4f}")
+    spec = TeacherSpec(arch=cfg.teacher, num_classes=len(data.classes), class_names=list(data.classes),
+                       input_size=inputs.size, mean=inputs.mean, std=inputs.std)
+    return model, spec
+
+
+def build_student(cfg: TrainConfig, num_classes: int, teacher: Teacher | None, steps_per_epoch: int,
+                  device: torch.device) -> Student:
+    """The student, its DearKD criterion, AdamW over both and the per-step warm-up + cosine schedule."""
+    model = timm.create_model(cfg.model, num_classes=num_classes).to(device)
+    align = teacher is not None and cfg.beta > 0
+    model.set_tap_blocks(range(model.num_mhca) if align else ())
+    criterion = DearKDLoss(
+        base_criterion(cfg), teacher, distillation_type=cfg.distillation_type, alpha=cfg.alpha, tau=cfg.tau,
+        beta=cfg.beta, embed_dim=model.embed_dim, grid_size=model.grid_size,
+        num_align=len(model.tap_blocks) if teacher is not None else 0,
+        standardize_target=cfg.align_standardize, backend=cfg.run.backend,
+    ).to(device)
+    optimizer = make_optimizer(param_groups([model, criterion], cfg.weight_decay), cfg.lr, device)
+    scheduler = engine.cosine_schedule(optimizer, cfg.warmup_epochs * steps_per_epoch, cfg.epochs * steps_per_epoch,
+                                       cfg.min_lr_ratio)
+    return Student(model, criterion, optimizer, scheduler)
+
+
+def resume(cfg: TrainConfig, s: Student) -> None:
+    """On --resume: restore the last finished epoch (weights, optimizer, schedule, records, RNG) and
+    cut metrics.jsonl back to it; otherwise start metrics.jsonl afresh."""
+    metrics = os.path.join(cfg.output, "metrics.jsonl")
+    if not cfg.run.resume:
+        if os.path.exists(metrics):
+            os.remove(metrics)
+        return
+    ck = load_checkpoint(os.path.join(cfg.output, "checkpoint.pt"))
+    try:
+        s.model.load_state_dict(ck["student"])
+        s.criterion.load_state_dict(ck["criterion"], strict=False)
+        s.optimizer.load_state_dict(ck["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise CheckpointError(f"--resume: checkpoint.pt in '{cfg.output}' does not fit this model "
+                              f"({type(e).__name__}); resume with the run's original flags") from None
+    s.scheduler.load_state_dict(ck["scheduler"])
+    s.records, s.start_epoch = ck["records"], ck["epoch"] + 1
+    set_rng_state(ck["rng"])
+    with open(metrics, "w") as f:  # drop lines of epochs after the checkpoint
+        f.writelines(json.dumps(r) + "\n" for r in s.records)
+    log(f"resumed from epoch {s.start_epoch}")
+
+
+def fit(cfg: TrainConfig, s: Student, data: DataBundle, teacher: Teacher | None, device: torch.device) -> None:
+    """Stage 1 for epochs < E1, stage 2 after; one record per epoch, appended to metrics.jsonl, and a
+    checkpoint at every epoch end."""
+    net = torch.compile(s.model) if cfg.run.compile else s.model
+    mix = mixup_fn(cfg, len(data.classes))
+    for epoch in range(s.start_epoch, cfg.epochs):
+        stage = 1 if epoch < cfg.switch_epoch else 2
+        s.criterion.set_stage(stage)
+        data.train.set_epoch(epoch)
+        t0, calls0 = time.time(), teacher.calls if teacher is not None else 0
+        train = engine.train_one_epoch(net, s.criterion, data.train, s.optimizer, s.scheduler, device=device,
+                                       amp=cfg.run.amp, mixup_fn=mix, max_norm=cfg.max_norm,
+                                       desc=f"stage {stage} epoch {epoch + 1}/{cfg.epochs}", progress=cfg.run.progress)
+        train_time = time.time() - t0
+        val = engine.evaluate(s.model, data.val, device=device, amp=cfg.run.amp, progress=cfg.run.progress)
+        rec = {"epoch": epoch, "stage": stage, "train": train, "val_top1": val["top1"], "val_top5": val["top5"],
+               "val_loss": val["loss"], "num_val_samples": val["num_samples"], "train_time_s": round(train_time, 3),
+               "images_per_s": round(data.num_train / max(train_time, 1e-9), 1),
+               "teacher_calls": (teacher.calls - calls0) if teacher is not None else 0}
+        s.records.append(rec)
+        with open(os.path.join(cfg.output, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        terms = "  ".join(f"{k} {v:.4f}" for k, v in train.items() if k != "lr")
+        log(f"epoch {epoch + 1}/{cfg.epochs} stage {stage}  {terms}  val top-1 {val['top1']:.2f}%  ({train_time:.1f}s)")
+        atomic_save({"epoch": epoch, "student": s.model.state_dict(), "criterion": s.criterion.state_dict(),
+                     "optimizer": s.optimizer.state_dict(), "scheduler": s.scheduler.state_dict(), "records": s.records,
+                     "rng": rng_state(), "args": config.flat(cfg), "classes": data.classes},
+                    os.path.join(cfg.output, "checkpoint.pt"))
+
+
+def finalise(cfg: TrainConfig, s: Student, data: DataBundle, inputs: InputSpec, teacher: Teacher | None,
+             device: torch.device, t_start: float) -> dict:
+    """Write student.pt and summary.json, print the results table."""
+    save_student(s.model, cfg.model, data.classes, inputs, os.path.join(cfg.output, "student.pt"))
+    records = s.records
+    stage1 = [r for r in records if r["stage"] == 1]
+    summary = {
+        "final_top1": records[-1]["val_top1"],
+        "final_top5": records[-1]["val_top5"],
+        "best_top1": max(r["val_top1"] for r in records),
+        "stage1_top1": stage1[-1]["val_top1"] if stage1 else None,
+        "teacher_top1": teacher.spec.top1 if teacher is not None else None,
+        "teacher": teacher.spec.arch if teacher is not None else None,
+        "model": cfg.model,
+        "data": data.name,
+        "num_classes": len(data.classes),
+        "num_train_samples": data.num_train,
+        "num_val_samples": records[-1]["num_val_samples"],
+        "skipped_files": len(data.skipped),
+        "skipped_paths": data.skipped[:100],
+        "empty_classes": data.empty_classes,
+        "stage_switch_epoch": cfg.switch_epoch,
+        "epochs": records,
+        "device": str(device),
+        "elapsed_s": round(time.time() - t_start, 1),
+        "args": config.flat(cfg),
+    }
+    atomic_write_json(summary, os.path.join(cfg.output, "summary.json"))
+    print_table(summary)
+    return summary
+
+
+def run(cfg: TrainConfig) -> dict:
+    t_start = time.time()
+    check_inputs(cfg)
+    device = cfg.run.torch_device
+    os.makedirs(cfg.output, exist_ok=True)
+    seed_everything(cfg.run.seed)
+    data, inputs = load_data(cfg, device)
+    teacher = prepare_teacher(cfg, data, inputs, device)
+    student = build_student(cfg, len(data.classes), teacher, len(data.train), device)
+    resume(cfg, student)
+    fit(cfg, student, data, teacher, device)
+    return finalise(cfg, student, data, inputs, teacher, device, t_start)
+
+
+# ---------------------------------------------------------------------------------------------- pieces
 
 
 def seed_everything(seed: int) -> None:
@@ -131,183 +267,22 @@ def make_optimizer(groups: list[dict], lr: float, device: torch.device) -> torch
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), fused=device.type == "cuda")
 
 
-def base_criterion(args) -> nn.Module:
+def base_criterion(cfg: TrainConfig) -> nn.Module:
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
-    if args.mixup > 0 or args.cutmix > 0:
+    if cfg.mixes:
         return SoftTargetCrossEntropy()
-    if args.smoothing > 0:
-        return LabelSmoothingCrossEntropy(args.smoothing)
+    if cfg.smoothing > 0:
+        return LabelSmoothingCrossEntropy(cfg.smoothing)
     return nn.CrossEntropyLoss()
 
 
-def mixup_fn(args, num_classes: int):
-    if args.mixup <= 0 and args.cutmix <= 0:
+def mixup_fn(cfg: TrainConfig, num_classes: int):
+    if not cfg.mixes:
         return None
     from timm.data import Mixup
 
-    return Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, label_smoothing=args.smoothing, num_classes=num_classes)
-
-
-def train_teacher(args, data, device: torch.device, log) -> tuple[nn.Module, TeacherSpec]:
-    """Train args.teacher from scratch on the run's data (CE, AdamW, cosine) and return it with its spec."""
-    model = create_teacher_model(args.teacher, len(data.classes)).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    opt = make_optimizer(param_groups([model], 5e-4), args.teacher_lr, device)
-    steps = args.teacher_epochs * len(data.train)
-    sched = engine.cosine_schedule(opt, min(len(data.train), steps // 10), steps)
-    crit = SupervisedLoss(nn.CrossEntropyLoss())
-    for epoch in range(args.teacher_epochs):
-        stats = engine.train_one_epoch(model, crit, data.train, opt, sched, device=device, amp=args.amp,
-                                       desc=f"teacher {epoch + 1}/{args.teacher_epochs}", progress=not args.no_progress)
-        log(f"teacher epoch {epoch + 1}/{args.teacher_epochs}  loss {stats['loss']:.4f}")
-    spec = TeacherSpec(arch=args.teacher, num_classes=len(data.classes), class_names=list(data.classes),
-                       input_size=args.input_size, mean=tuple(args.mean), std=tuple(args.std))
-    return model, spec
-
-
-def run(args: argparse.Namespace) -> dict:
-    t_start = time.time()
-    device = torch.device(args.device)
-    out = args.output
-    os.makedirs(out, exist_ok=True)
-    log = tqdm.write
-    seed_everything(args.seed)
-    if args.backend != "auto":
-        ops.resolve_backend(args.backend, torch.empty(0, device=device))  # fail now, not mid-epoch
-
-    probe = timm.create_model(args.model, num_classes=1)
-    cfg = probe.pretrained_cfg
-    args.input_size, args.mean, args.std = cfg["input_size"][-1], tuple(cfg["mean"]), tuple(cfg["std"])
-    del probe
-    data = build_data(DataConfig(
-        data=args.data, val_data=args.val_data, input_size=args.input_size, mean=args.mean, std=args.std,
-        crop_pct=cfg.get("crop_pct", 1.0), batch_size=args.batch_size, workers=args.workers, hflip=args.hflip,
-        randaug=args.randaug, data_fraction=args.data_fraction, seed=args.seed,
-        allow_empty_classes=args.allow_empty_classes, backend="dali" if args.dali else "torch",
-        device=str(device), amp=args.amp, progress=not args.no_progress))
-    num_classes = len(data.classes)
-    log(f"data: {data.name}, {num_classes} classes, {data.num_train} train / {data.num_val} val images"
-        + (f", {len(data.skipped)} undecodable files skipped" if data.skipped else "")
-        + (f", empty classes: {', '.join(data.empty_classes)}" if data.empty_classes else ""))
-
-    # ---- teacher: load, reuse this run's, or train
-    teacher = None
-    teacher_top1 = None
-    own_teacher = os.path.join(out, "teacher.pt")
-    if args.stage1_epochs > 0:
-        ckpt_path = args.teacher_ckpt or (own_teacher if args.resume and os.path.isfile(own_teacher) else None)
-        if ckpt_path:
-            tmodel, spec = load_teacher(ckpt_path, num_classes=num_classes)
-            if spec.class_names != list(data.classes):
-                raise TeacherCheckpointError(
-                    f"teacher checkpoint '{ckpt_path}' has classes {spec.class_names[:3]}... but the data has "
-                    f"{list(data.classes)[:3]}... (same count, different names or order)")
-            tmodel = tmodel.to(device)
-            log(f"teacher: {spec.arch} from {ckpt_path}")
-        else:
-            tmodel, spec = train_teacher(args, data, device, log)
-        if device.type == "cuda":
-            tmodel = tmodel.to(memory_format=torch.channels_last)
-        taps = args.teacher_taps.split(",") if args.teacher_taps else None
-        teacher = Teacher(tmodel, spec, taps, input_norm=(args.mean, args.std))
-        teacher_top1 = engine.evaluate(lambda x: teacher(x)[0], data.val, device=device, amp=args.amp, desc="teacher eval",
-                                       progress=not args.no_progress)["top1"]
-        spec.top1 = teacher_top1
-        if not ckpt_path:
-            save_teacher(tmodel, spec, own_teacher)
-        log(f"teacher {spec.arch}: top-1 {teacher_top1:.2f}% (taps {', '.join(teacher.taps)})")
-
-    # ---- student and criterion
-    student = timm.create_model(args.model, num_classes=num_classes).to(device)
-    if args.stage1_epochs > 0 and args.beta > 0:
-        student.set_tap_blocks(range(student.num_mhca))
-    else:
-        student.set_tap_blocks(())
-    criterion = DearKDLoss(
-        base_criterion(args), teacher, distillation_type=args.distillation_type, alpha=args.alpha, tau=args.tau,
-        beta=args.beta, embed_dim=student.embed_dim, grid_size=student.grid_size,
-        num_align=len(student.tap_blocks) if teacher is not None else 0,
-        standardize_target=args.align_standardize, backend=args.backend,
-    ).to(device)
-    optimizer = make_optimizer(param_groups([student, criterion], args.weight_decay), args.lr, device)
-    steps_per_epoch = len(data.train)
-    scheduler = engine.cosine_schedule(optimizer, args.warmup_epochs * steps_per_epoch, args.epochs * steps_per_epoch,
-                                       args.min_lr_ratio)
-    records: list[dict] = []
-    start_epoch = 0
-    metrics_path = os.path.join(out, "metrics.jsonl")
-    if args.resume:
-        ck = load_checkpoint(os.path.join(out, "checkpoint.pt"))
-        student.load_state_dict(ck["student"])
-        criterion.load_state_dict(ck["criterion"], strict=False)
-        optimizer.load_state_dict(ck["optimizer"])
-        scheduler.load_state_dict(ck["scheduler"])
-        records, start_epoch = ck["records"], ck["epoch"] + 1
-        set_rng_state(ck["rng"])
-        with open(metrics_path, "w") as f:  # drop lines of epochs after the checkpoint
-            f.writelines(json.dumps(r) + "\n" for r in records)
-        log(f"resumed from epoch {start_epoch}")
-    elif os.path.exists(metrics_path):
-        os.remove(metrics_path)
-    model = torch.compile(student) if args.compile else student
-    mix = mixup_fn(args, num_classes)
-
-    for epoch in range(start_epoch, args.epochs):
-        stage = 1 if epoch < args.stage1_epochs else 2
-        criterion.set_stage(stage)
-        if hasattr(data.train, "set_epoch"):
-            data.train.set_epoch(epoch)
-        t0 = time.time()
-        calls0 = teacher.calls if teacher is not None else 0
-        train_stats = engine.train_one_epoch(model, criterion, data.train, optimizer, scheduler, device=device,
-                                             amp=args.amp, mixup_fn=mix, max_norm=args.max_norm,
-                                             desc=f"stage {stage} epoch {epoch + 1}/{args.epochs}",
-                                             progress=not args.no_progress)
-        train_time = time.time() - t0
-        val = engine.evaluate(student, data.val, device=device, amp=args.amp, progress=not args.no_progress)
-        rec = {"epoch": epoch, "stage": stage, "train": train_stats, "val_top1": val["top1"], "val_top5": val["top5"],
-               "val_loss": val["loss"], "num_val_samples": val["num_samples"], "train_time_s": round(train_time, 3),
-               "images_per_s": round(data.num_train / max(train_time, 1e-9), 1),
-               "teacher_calls": (teacher.calls - calls0) if teacher is not None else 0}
-        records.append(rec)
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
-        terms = "  ".join(f"{k} {v:.4f}" for k, v in train_stats.items() if k != "lr")
-        log(f"epoch {epoch + 1}/{args.epochs} stage {stage}  {terms}  val top-1 {val['top1']:.2f}%  ({train_time:.1f}s)")
-        atomic_save({"epoch": epoch, "student": student.state_dict(), "criterion": criterion.state_dict(),
-                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "records": records,
-                     "rng": rng_state(), "args": vars(args), "classes": data.classes}, os.path.join(out, "checkpoint.pt"))
-
-    atomic_save({"format": "dearkd_fast.student/1", "model": args.model, "num_classes": num_classes,
-                 "class_names": data.classes, "input_size": args.input_size, "mean": args.mean, "std": args.std,
-                 "state_dict": student.state_dict()}, os.path.join(out, "student.pt"))
-    stage1 = [r for r in records if r["stage"] == 1]
-    summary = {
-        "final_top1": records[-1]["val_top1"],
-        "final_top5": records[-1]["val_top5"],
-        "best_top1": max(r["val_top1"] for r in records),
-        "stage1_top1": stage1[-1]["val_top1"] if stage1 else None,
-        "teacher_top1": teacher_top1,
-        "teacher": teacher.spec.arch if teacher is not None else None,
-        "model": args.model,
-        "data": data.name,
-        "num_classes": num_classes,
-        "num_train_samples": data.num_train,
-        "num_val_samples": records[-1]["num_val_samples"],
-        "skipped_files": len(data.skipped),
-        "skipped_paths": data.skipped[:100],
-        "empty_classes": data.empty_classes,
-        "stage_switch_epoch": args.stage1_epochs,
-        "epochs": records,
-        "device": str(device),
-        "elapsed_s": round(time.time() - t_start, 1),
-        "args": vars(args),
-    }
-    atomic_write_json(summary, os.path.join(out, "summary.json"))
-    print_table(summary)
-    return summary
+    return Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.smoothing, num_classes=num_classes)
 
 
 def print_table(s: dict) -> None:
@@ -325,7 +300,7 @@ def print_table(s: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli(PROG, build_parser(), validate, run, argv)
+    return run_cli(PROG, TrainConfig, DESCRIPTION, run, argv)
 
 
 if __name__ == "__main__":

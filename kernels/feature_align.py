@@ -22,6 +22,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .grid import row_split
+
 __all__ = ["feature_align_loss"]
 
 BLOCK_M, BLOCK_C, BLOCK_K, BLOCK_D = 64, 64, 32, 128
@@ -145,10 +147,8 @@ def _common_args(tokens: Tensor, weight: Tensor, bias: Tensor | None, target: Te
 
 
 def _dw_split(M: int, C: int, D: int, device: torch.device) -> int:
-    """Programs along M for dW: enough to give every SM about two programs."""
-    tiles = triton.cdiv(C, BLOCK_C) * triton.cdiv(D, BLOCK_D)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
-    return max(1, min(triton.cdiv(M, BLOCK_M), triton.cdiv(2 * sms, tiles)))
+    """Programs along M for dW (each writes a partial [C, D] sum)."""
+    return row_split(M, BLOCK_M, triton.cdiv(C, BLOCK_C) * triton.cdiv(D, BLOCK_D), device)
 
 
 @torch.library.custom_op("dearkd_fast::feature_align_loss", mutates_args=())
@@ -167,7 +167,8 @@ def _(tokens, weight, bias, target):
 
 
 @torch.library.custom_op("dearkd_fast::feature_align_loss_backward", mutates_args=())
-def _align_bwd(grad: Tensor, tokens: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _align_bwd(grad: Tensor, tokens: Tensor, weight: Tensor, bias: Tensor | None,
+               target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     args, (M, N, C, D, gw), strides, flags = _common_args(tokens, weight, bias, target)
     scale = (grad.float() * (2.0 / (M * C))).reshape(1)
     dt = torch.empty(tokens.shape, device=tokens.device, dtype=tokens.dtype)

@@ -7,13 +7,13 @@ import pytest
 import torch
 from PIL import Image
 
-from dearkd_fast.data import DataConfig, build_data
+from dearkd_fast.config import IMAGENET_MEAN as MEAN
+from dearkd_fast.config import IMAGENET_STD as STD
 from dearkd_fast.data import folder as folder_mod
 from dearkd_fast.data.folder import DataError, balanced_subset, scan_image_folder
+from dearkd_fast.testing import folder_data, write_image_folder
 from dearkd_fast.train import main
-from tests.conftest import write_image_folder
 
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 BACKENDS = ["torch", "dali"]
 
 
@@ -37,9 +37,9 @@ def decode_ids(x):
     return [int(round((float(g.mean()) - 4) / 8)) for g in grey]
 
 
-def cfg(root, backend, **kw):
-    base = dict(data=root, val_data=root, input_size=32, batch_size=4, workers=1, backend=backend, progress=False)
-    return DataConfig(**{**base, **kw})
+def load(root, backend, val_source="same", **kw):
+    """Both loaders of `root` (validating on root itself unless val_source is given)."""
+    return folder_data(root, backend, val_source=root if val_source == "same" else val_source, **kw)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -48,7 +48,7 @@ def test_eval_covers_every_image_once(tmp_path, backend, world_size):
     root, ids = id_folder(tmp_path / "d")
     seen = []
     for rank in range(world_size):
-        data = build_data(cfg(root, backend, eval_batch_size=5, rank=rank, world_size=world_size))
+        data = load(root, backend, eval_batch_size=5, rank=rank, world_size=world_size)
         n = 0
         for x, y in data.val:
             got = decode_ids(x)
@@ -62,7 +62,7 @@ def test_eval_covers_every_image_once(tmp_path, backend, world_size):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_train_batches_shapes_dtypes_ranges(tmp_path, backend):
     root = write_image_folder(tmp_path / "d", {"a": 6, "b": 6}, size=(45, 37))
-    data = build_data(cfg(root, backend, pad_crop=False, hflip=0.5))
+    data = load(root, backend, pad_crop=False, hflip=0.5)
     assert data.classes == ["a", "b"] and data.num_train == 12
     batches = list(data.train)
     assert len(batches) == len(data.train) == 3
@@ -78,18 +78,18 @@ def test_train_batches_shapes_dtypes_ranges(tmp_path, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_pad_crop_train_path(tmp_path, backend):
     root = write_image_folder(tmp_path / "d", {"a": 4, "b": 4})
-    data = build_data(cfg(root, backend, pad_crop=True))
+    data = load(root, backend, pad_crop=True)
     x, y = next(iter(data.train))
     assert x.shape == (4, 3, 32, 32)
 
 
 def test_subsets_balanced_identical_and_stable(tmp_path):
     root = write_image_folder(tmp_path / "d", {"a": 10, "b": 20, "c": 5})
-    lists = {b: build_data(cfg(root, b, data_fraction=0.4, val_data=None, seed=3)).train_files for b in BACKENDS}
+    lists = {b: load(root, b, fraction=0.4, val_source=None, seed=3).train_files for b in BACKENDS}
     assert lists["torch"] == lists["dali"]
-    again = build_data(cfg(root, "torch", data_fraction=0.4, val_data=None, seed=3)).train_files
+    again = load(root, "torch", fraction=0.4, val_source=None, seed=3).train_files
     assert again == lists["torch"]
-    other = build_data(cfg(root, "torch", data_fraction=0.4, val_data=None, seed=4)).train_files
+    other = load(root, "torch", fraction=0.4, val_source=None, seed=4).train_files
     assert other != again
     samples = scan_image_folder(root).samples
     sub = balanced_subset(samples, 0.4, 0)
@@ -130,6 +130,7 @@ def test_scan_reports_bad_file(tmp_path):
     assert len(scan.samples) == 11
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_training_runs_through_bad_files(tmp_path, backend):
     root = mixed_folder(tmp_path / "d")
@@ -142,6 +143,7 @@ def test_training_runs_through_bad_files(tmp_path, backend):
     assert s["num_val_samples"] == 11 and len(s["epochs"]) == 2
 
 
+@pytest.mark.slow
 def test_empty_class_exit_2_unless_allowed(tmp_path, capsys):
     root = write_image_folder(tmp_path / "d", {"a": 4, "b": 4})
     os.makedirs(os.path.join(root, "empty"))
@@ -156,6 +158,7 @@ def test_empty_class_exit_2_unless_allowed(tmp_path, capsys):
     assert s["empty_classes"] == ["empty"] and s["num_classes"] == 3
 
 
+@pytest.mark.slow
 def test_main_job_amp_dali_on_digits(tmp_path):
     out = tmp_path / "o"
     assert main(["--amp", "--dali", "--data-fraction", "0.12", "--epochs", "2", "--teacher-epochs", "1",
@@ -177,7 +180,7 @@ def test_missing_dali_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setattr(builtins, "__import__", no_dali)
     root = write_image_folder(tmp_path / "d", {"a": 2, "b": 2})
     with pytest.raises(DataError, match="--dali needs NVIDIA DALI"):
-        build_data(cfg(root, "dali"))
+        load(root, "dali")
 
 
 def test_cifar10_from_tarballs(tmp_path, monkeypatch):
@@ -193,18 +196,32 @@ def test_cifar10_from_tarballs(tmp_path, monkeypatch):
         with tarfile.open(tars / f"{split}.tar.gz", "w:gz") as tf:
             tf.add(src / split, arcname=split)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    data = build_data(cfg(f"cifar10:{tars}", "torch", val_data=None))
+    data = load(f"cifar10:{tars}", "torch", val_source=None)
     assert data.name == "cifar10" and data.classes == ["airplane", "cat"]
     assert (data.num_train, data.num_val) == (5, 3)  # the test split is the validation set
     monkeypatch.setenv("DEARKD_CIFAR10_DIR", str(tars))
-    assert build_data(cfg("cifar10", "torch", val_data=None)).num_train == 5
+    assert load("cifar10", "torch", val_source=None).num_train == 5
     with pytest.raises(DataError, match="train.tar.gz"):
-        build_data(cfg(f"cifar10:{tmp_path / 'nowhere'}", "torch", val_data=None))
+        load(f"cifar10:{tmp_path / 'nowhere'}", "torch", val_source=None)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_randaugment(tmp_path, backend):
+@pytest.mark.parametrize("backend,spec", [("torch", "rand-m9-n2-mstd0.5"), ("dali", "rand-m9-n2")])
+def test_randaugment(tmp_path, backend, spec):
     root = write_image_folder(tmp_path / "d", {"a": 4, "b": 4})
-    data = build_data(cfg(root, backend, randaug="rand-m9-n2-mstd0.5", pad_crop=False))
+    data = load(root, backend, randaug=spec, pad_crop=False)
     x, y = next(iter(data.train))
     assert x.shape == (4, 3, 32, 32) and torch.isfinite(x).all()
+
+
+def test_randaugment_string_means_one_thing(tmp_path):
+    """DALI cannot add magnitude noise: a string it cannot honour is refused, not silently changed."""
+    from dearkd_fast.data.augment import RandAugmentSpec
+
+    ra = RandAugmentSpec.parse("rand-m7-n3-mstd0.5-mmax10")
+    assert (ra.m, ra.n, ra.mstd, ra.mmax) == (7, 3, 0.5, 10)
+    root = write_image_folder(tmp_path / "d", {"a": 4, "b": 4})
+    with pytest.raises(DataError, match="mstd"):
+        load(root, "dali", randaug="rand-m9-mstd0.5")
+    for bad in ("bogus", "rand-mx"):
+        with pytest.raises(DataError, match="randaug"):
+            load(root, "torch", randaug=bad)

@@ -4,14 +4,11 @@ import torch
 import torch.nn as nn
 
 from dearkd_fast import DeepInversionHook
+from dearkd_fast.testing import public_bn_loss
 
 
 def public_hook_formula(x, bn):
-    """The public DeepInversion hook's arithmetic: mean over (0,2,3), biased variance, L2 norms."""
-    C = x.shape[1]
-    mean = x.mean([0, 2, 3])
-    var = x.permute(1, 0, 2, 3).contiguous().view([C, -1]).var(1, unbiased=False)
-    return torch.norm(bn.running_var.data - var, 2) + torch.norm(bn.running_mean.data - mean, 2)
+    return public_bn_loss(x, bn.running_mean.data, bn.running_var.data)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -52,6 +49,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from dearkd_fast import invert, reference  # noqa: E402
+from dearkd_fast.config import PRESETS, InvertConfig, from_argv  # noqa: E402
 from dearkd_fast.losses import DeepInversionLoss, penultimate  # noqa: E402
 from dearkd_fast.models.teacher import load_teacher  # noqa: E402
 
@@ -99,11 +97,13 @@ def _run_invert(tmp_path, teacher, name, *extra):
     return out, json.loads((out / "meta.json").read_text())
 
 
+@pytest.mark.slow
 def test_bn_statistics_term_falls(digits_teacher):
     model, spec = load_teacher(digits_teacher)
     crit = DeepInversionLoss(model.eval(), r_bn=1.0, backend="torch")
-    s = invert.settings(invert.build_parser().parse_args(["--teacher-ckpt", digits_teacher, "--output", "x",
-                                                            "--iterations", "30"]), spec)
+    cfg = from_argv(InvertConfig, ["--teacher-ckpt", digits_teacher, "--output", "x", "--iterations", "30"], "invert")
+    s = cfg.synthesis(spec.arch, spec.num_classes, spec.input_size)
+    assert (s.iterations, s.r_bn) == (30, PRESETS["small"].inversion.r_bn)  # a flag where given, else the preset
     y = torch.arange(20) % 10
     crit(torch.randn(20, 3, 32, 32, generator=torch.Generator().manual_seed(0)), y)
     start = crit.last_terms["bn"].item()
@@ -111,6 +111,7 @@ def test_bn_statistics_term_falls(digits_teacher):
     assert terms["bn"] < 0.5 * start
 
 
+@pytest.mark.slow
 def test_inversion_hits_targets_and_writes_imagefolder(tmp_path, digits_teacher):
     out, meta = _run_invert(tmp_path, digits_teacher, "a")
     assert meta["teacher_accuracy"] >= 90.0 and meta["num_images"] == 40
@@ -124,6 +125,7 @@ def test_inversion_hits_targets_and_writes_imagefolder(tmp_path, digits_teacher)
             assert im.format == "PNG" and im.size == (32, 32) and im.mode == "RGB"
 
 
+@pytest.mark.slow
 def test_bpid_spreads_classes_and_keeps_them(tmp_path, digits_teacher):
     _, off = _run_invert(tmp_path, digits_teacher, "off", "--bpid", "0")
     _, on = _run_invert(tmp_path, digits_teacher, "on", "--bpid", "10")
@@ -136,6 +138,7 @@ def _images(folder):
             for r, _, fs in os.walk(folder) for f in fs if f.endswith(".png")}
 
 
+@pytest.mark.slow
 def test_resume_after_kill_redoes_nothing_and_leaves_no_partial_file(tmp_path, digits_teacher, monkeypatch):
     args = ["--teacher-ckpt", digits_teacher, "--images-per-class", "3", "--batch-size", "10", "--no-progress",
             "--iterations", "3"]
@@ -173,6 +176,7 @@ def test_resume_after_kill_redoes_nothing_and_leaves_no_partial_file(tmp_path, d
     assert not [f for _, _, fs in os.walk(out) for f in fs if f.startswith(".tmp-")]
 
 
+@pytest.mark.slow
 def test_invert_bad_inputs_exit_2(tmp_path, digits_teacher, capsys):
     def bad(argv, text):
         assert invert.main(argv) == 2
@@ -186,6 +190,9 @@ def test_invert_bad_inputs_exit_2(tmp_path, digits_teacher, capsys):
     bad(["--teacher-ckpt", digits_teacher, "--output", str(tmp_path / "full")], "not empty")
     bad(["--teacher-ckpt", digits_teacher, "--output", str(tmp_path / "o"), "--adi", "1"], "--student-ckpt")
     bad(["--teacher-ckpt", digits_teacher, "--output", str(tmp_path / "o"), "--class-names", "a,b"], "--class-names")
+    # a teacher without BatchNorm cannot be inverted: the user's mistake, so exit 2 (it was exit 1)
+    bad(["--teacher", "vit_tiny_patch16_224", "--num-classes", "10", "--output", str(tmp_path / "o")], "BatchNorm2d")
+    bad(["--teacher-ckpt", digits_teacher, "--output", str(tmp_path / "o"), "--preset", "huge"], "--preset")
     out = tmp_path / "r"
     assert invert.main(["--teacher-ckpt", digits_teacher, "--images-per-class", "1", "--batch-size", "10",
                         "--iterations", "1", "--no-progress", "--output", str(out)]) == 0
@@ -194,6 +201,7 @@ def test_invert_bad_inputs_exit_2(tmp_path, digits_teacher, capsys):
          "--no-progress", "--output", str(out), "--resume"], "settings differ")
 
 
+@pytest.mark.slow
 def test_train_on_synthetic_evaluate_on_real(tmp_path, digits_teacher):
     from dearkd_fast.train import main
 
@@ -206,6 +214,7 @@ def test_train_on_synthetic_evaluate_on_real(tmp_path, digits_teacher):
     assert s["num_train_samples"] == 40 and s["num_val_samples"] == 360  # real digits
 
 
+@pytest.mark.slow
 def test_overwrite_replaces_only_what_invert_wrote(tmp_path, digits_teacher):
     base = ["--teacher-ckpt", digits_teacher, "--batch-size", "10", "--iterations", "1", "--no-progress"]
     out = tmp_path / "o"
@@ -216,6 +225,7 @@ def test_overwrite_replaces_only_what_invert_wrote(tmp_path, digits_teacher):
     assert json.loads((out / "meta.json").read_text())["num_images"] == 10
 
 
+@pytest.mark.slow
 def test_adi_competition_against_a_student(tmp_path, digits_teacher):
     student = os.path.join(os.path.dirname(digits_teacher), "student.pt")
     out, meta = _run_invert(tmp_path, digits_teacher, "adi", "--iterations", "2", "--adi", "1", "--student-ckpt", student)

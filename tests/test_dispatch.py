@@ -60,7 +60,7 @@ def test_dearkd_loss_goes_through_ops(monkeypatch):
     calls = []
     real = ops.feature_align_loss
     monkeypatch.setattr(losses.ops, "feature_align_loss", lambda *a, **k: calls.append(k) or real(*a, **k))
-    from tests.test_losses import make_student, make_teacher
+    from dearkd_fast.testing import make_student, make_teacher
 
     teacher, student = make_teacher(), make_student()
     crit = losses.DearKDLoss(torch.nn.CrossEntropyLoss(), teacher, embed_dim=student.embed_dim,

@@ -161,6 +161,7 @@ def test_bn_stat_property(B, C, H, W, channels_last, seed):
     check_bn(*bn_inputs(B, C, H, W, torch.float32, channels_last=channels_last, seed=seed), 1e-4)
 
 
+@pytest.mark.slow
 def test_compile_fullgraph_custom_ops():
     """The custom ops trace under torch.compile(fullgraph=True) and give the eager result."""
     tokens, weight, bias, target = align_inputs(2, 3, 3, 16, 8, torch.float32)
@@ -178,6 +179,7 @@ def test_compile_fullgraph_custom_ops():
     assert w.grad is not None and torch.isfinite(w.grad).all()
 
 
+@pytest.mark.slow
 def test_compile_fullgraph_torch_backend():
     tokens, weight, bias, target = align_inputs(2, 3, 3, 16, 8, torch.float32)
     x, rm, rv = bn_inputs(2, 4, 3, 3, torch.float32)

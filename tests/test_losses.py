@@ -9,18 +9,7 @@ import dearkd_fast  # noqa: F401
 from dearkd_fast import reference
 from dearkd_fast.losses import DearKDLoss, align_pairing, resize_to_grid
 from dearkd_fast.models.teacher import Teacher, TeacherSpec, create_teacher_model
-
-
-def make_teacher(num_classes=5):
-    model = create_teacher_model("cifar_resnet8", num_classes)
-    spec = TeacherSpec("cifar_resnet8", num_classes, [str(i) for i in range(num_classes)], 32, (0.5,) * 3, (0.5,) * 3)
-    return Teacher(model, spec)
-
-
-def make_student(num_classes=5):
-    m = timm.create_model("dearkd_micro_patch4_32", num_classes=num_classes)
-    m.set_tap_blocks(range(m.num_mhca))
-    return m
+from dearkd_fast.testing import make_student, make_teacher
 
 
 class CountingCall(nn.Module):

@@ -7,8 +7,8 @@ import sys
 import pytest
 import torch
 
+from dearkd_fast.testing import write_image_folder
 from dearkd_fast.train import main
-from tests.conftest import write_image_folder
 
 TINY = ["--data-fraction", "0.12", "--batch-size", "32", "--teacher-epochs", "1", "--workers", "0", "--no-progress",
         "--warmup-epochs", "0"]
@@ -22,6 +22,7 @@ def tiny_run(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_writes_every_output_with_promised_fields(tiny_run):
     for f in ("summary.json", "metrics.jsonl", "checkpoint.pt", "student.pt", "teacher.pt"):
         assert (tiny_run / f).is_file(), f
@@ -31,7 +32,7 @@ def test_writes_every_output_with_promised_fields(tiny_run):
         assert key in s, key
     assert s["num_val_samples"] == 360 and s["skipped_files"] == 0
     assert s["num_train_samples"] == sum(max(1, round(0.12 * n)) for n in _digits_train_counts())
-    lines = [json.loads(l) for l in (tiny_run / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
     assert lines == s["epochs"] and len(lines) == 3
     for rec in lines:
         assert set(rec["train"]) >= {"loss", "ce", "lr"}
@@ -44,6 +45,7 @@ def _digits_train_counts():
     return [len(os.listdir(os.path.join(train, c))) for c in sorted(os.listdir(train))]
 
 
+@pytest.mark.slow
 def test_stage_switch_at_stage1_epochs(tiny_run):
     s = json.loads((tiny_run / "summary.json").read_text())
     assert s["stage_switch_epoch"] == 2
@@ -53,6 +55,7 @@ def test_stage_switch_at_stage1_epochs(tiny_run):
     assert "kd" not in s["epochs"][2]["train"] and s["epochs"][2]["teacher_calls"] == 0
 
 
+@pytest.mark.slow
 def test_teacher_checkpoint_is_self_contained(tiny_run):
     from dearkd_fast.models.teacher import load_teacher
 
@@ -63,6 +66,7 @@ def test_teacher_checkpoint_is_self_contained(tiny_run):
     assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
 
 
+@pytest.mark.slow
 def test_reuse_teacher_and_resume(tiny_run, tmp_path):
     out = tmp_path / "b"
     assert main(TINY + ["--epochs", "1", "--teacher-ckpt", str(tiny_run / "teacher.pt"), "--output", str(out)]) == 0
@@ -75,6 +79,7 @@ def test_reuse_teacher_and_resume(tiny_run, tmp_path):
     assert len(s2["epochs"]) == 2 and s2["epochs"][0] == s1["epochs"][0] and s2["epochs"][1]["stage"] == 2
 
 
+@pytest.mark.slow
 def test_amp_and_soft_kd(tmp_path):
     assert main(TINY + ["--epochs", "1", "--amp", "--distillation-type", "soft", "--tau", "2",
                         "--align-standardize", "--output", str(tmp_path / "o")]) == 0
@@ -90,6 +95,7 @@ def _bad(capsys, argv):
     return err
 
 
+@pytest.mark.slow
 def test_bad_inputs_exit_2(tmp_path, capsys, tiny_run):
     out = ["--output", str(tmp_path / "o")]
     assert "does not exist" in _bad(capsys, ["--data", str(tmp_path / "missing")] + out)
@@ -119,6 +125,7 @@ def test_bad_inputs_exit_2(tmp_path, capsys, tiny_run):
     assert not (tmp_path / "o" / "summary.json").exists()
 
 
+@pytest.mark.slow
 def test_process_exit_code_and_single_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "dearkd_fast.train", "--data", str(tmp_path / "nowhere"),
                         "--output", str(tmp_path / "o")], capture_output=True, text=True,
@@ -128,16 +135,19 @@ def test_process_exit_code_and_single_line(tmp_path):
 
 
 @pytest.mark.parametrize("tool", ["train", "invert"])
-def test_readme_lists_every_flag(tool):
-    import importlib
+def test_readme_flag_table_is_the_configs(tool):
+    """The README's flag table of each tool is exactly what its config generates (python -m dearkd_fast.config)."""
+    from dearkd_fast import config
 
-    parser = importlib.import_module(f"dearkd_fast.{tool}").build_parser()
+    table = config.flag_table({"train": config.TrainConfig, "invert": config.InvertConfig}[tool])
     readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    assert table in readme
+    parser = config.build_parser({"train": config.TrainConfig, "invert": config.InvertConfig}[tool], "x", "")
     flags = [o for a in parser._actions for o in a.option_strings if o.startswith("--") and o != "--help"]
-    missing = [f for f in flags if f"`{f}" not in readme]
-    assert not missing, f"README lacks {missing}"
+    assert all(f"`{f}`" in table for f in flags)
 
 
+@pytest.mark.slow
 def test_compile_and_amp_end_to_end(tmp_path):
     """--compile (torch.compile of the student) trains through both stages with --amp (slow: one compile)."""
     out = tmp_path / "c"
@@ -147,6 +157,7 @@ def test_compile_and_amp_end_to_end(tmp_path):
     assert all(torch.isfinite(torch.tensor(r["train"]["loss"])) for r in s["epochs"])
 
 
+@pytest.mark.slow
 def test_readme_dropin_snippet_runs(tiny_run):
     """The README's DeiT-style snippet, executed as written (teacher path and a batch filled in)."""
     import re

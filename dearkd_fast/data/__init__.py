@@ -1,4 +1,4 @@
-"""One interface over the input backends: `build_data(cfg)` -> train and eval loaders.
+"""One interface over the input backends: `build_data(cfg, inputs, ...)` -> train and eval loaders.
 
 Both backends see the same scanned file list (subset and skipped files applied once, here) and
 yield (images, labels) on the training device.
@@ -9,36 +9,31 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .folder import DataError, balanced_subset, holdout_split, resolve_data, scan_image_folder
+from ..config import IMAGENET_MEAN, IMAGENET_STD, DataConfig, preset_for
+from ..errors import DataError
+from .folder import balanced_subset, holdout_split, resolve_data, scan_image_folder
 from .torchvision import build_torch_loader, eval_transform, train_transform
 
-__all__ = ["DataConfig", "DataBundle", "DataError", "build_data", "DeviceLoader"]
+__all__ = ["DataConfig", "DataBundle", "DataError", "InputSpec", "build_data", "DeviceLoader"]
 
 
-@dataclass
-class DataConfig:
-    data: str = "digits"
-    val_data: str | None = None
-    input_size: int = 32
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+@dataclass(frozen=True)
+class InputSpec:
+    """What a network expects of its input images: side, normalisation, eval centre-crop share."""
+
+    size: int = 32
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
     crop_pct: float = 1.0
-    batch_size: int = 64
-    eval_batch_size: int | None = None
-    workers: int = 2
-    hflip: float | None = None  # None: 0 for digits, else 0.5
-    pad_crop: bool | None = None  # None: on for inputs up to 64 px
-    randaug: str | None = None
-    data_fraction: float = 1.0
-    holdout: float = 0.1  # held-out share of --data when no validation folder exists
-    seed: int = 0
-    allow_empty_classes: bool = False
-    backend: str = "torch"  # "torch" | "dali"
-    device: str = "cpu"
-    amp: bool = False
-    rank: int = 0
-    world_size: int = 1
-    progress: bool = True
+
+    @classmethod
+    def of_model(cls, name: str) -> InputSpec:
+        """From a timm model's pretrained config (a probe model with one class is built: this draws
+        from torch's generator exactly as the model's own creation would)."""
+        import timm
+
+        cfg = timm.create_model(name, num_classes=1).pretrained_cfg
+        return cls(cfg["input_size"][-1], tuple(cfg["mean"]), tuple(cfg["std"]), cfg.get("crop_pct", 1.0))
 
 
 @dataclass
@@ -81,42 +76,44 @@ class DeviceLoader:
             sampler.set_epoch(epoch)
 
 
-def build_data(cfg: DataConfig) -> DataBundle:
-    """Scan, validate, subset, and build both loaders for cfg.backend."""
-    train_dir, val_dir, name = resolve_data(cfg.data, cfg.val_data)
-    scan = scan_image_folder(train_dir, allow_empty_classes=cfg.allow_empty_classes, progress=cfg.progress,
-                             workers=max(1, cfg.workers))
-    train_samples = scan.samples
+def _file_lists(cfg: DataConfig, seed: int, progress: bool):
+    """(source, train samples after the subset, val samples, the training scan, every skipped file)."""
+    source = resolve_data(cfg.source, cfg.val_source)
+    workers = max(1, cfg.workers)
+    scan = scan_image_folder(source.train_dir, allow_empty_classes=cfg.allow_empty_classes, progress=progress,
+                             workers=workers)
     skipped = list(scan.skipped)
-    if val_dir is None:
-        train_samples, val_samples = holdout_split(train_samples, cfg.holdout, cfg.seed)
+    if source.val_dir is None:
+        train, val = holdout_split(scan.samples, cfg.holdout, seed)
     else:
-        vscan = scan_image_folder(val_dir, allow_empty_classes=True, classes=scan.classes, progress=cfg.progress,
-                                  workers=max(1, cfg.workers))
-        val_samples = vscan.samples
+        vscan = scan_image_folder(source.val_dir, allow_empty_classes=True, classes=scan.classes, progress=progress,
+                                  workers=workers)
+        train, val = scan.samples, vscan.samples
         skipped += vscan.skipped
-    train_samples = balanced_subset(train_samples, cfg.data_fraction, cfg.seed)
-    hflip = cfg.hflip if cfg.hflip is not None else (0.0 if name == "digits" else 0.5)
-    pad_crop = cfg.pad_crop if cfg.pad_crop is not None else cfg.input_size <= 64
-    device = torch.device(cfg.device)
-    ebs = cfg.eval_batch_size or cfg.batch_size * 2
-    if cfg.backend == "dali":
+    return source, balanced_subset(train, cfg.fraction, seed), val, scan, skipped
+
+
+def build_data(cfg: DataConfig, inputs: InputSpec, *, batch_size: int, seed: int = 0, device: str | torch.device = "cpu",
+               amp: bool = False, progress: bool = True, rank: int = 0, world_size: int = 1) -> DataBundle:
+    """Scan, validate, subset, and build both loaders (cfg.loader) for a network expecting `inputs`."""
+    source, train_samples, val_samples, scan, skipped = _file_lists(cfg, seed, progress)
+    hflip = cfg.hflip if cfg.hflip is not None else source.hflip
+    pad_crop = cfg.pad_crop if cfg.pad_crop is not None else preset_for(inputs.size).pad_crop
+    device = torch.device(device)
+    ebs = cfg.eval_batch_size or batch_size * 2
+    if cfg.loader == "dali":
         from .dali import build_dali_loader
 
-        common = dict(size=cfg.input_size, mean=cfg.mean, std=cfg.std, device=device, workers=cfg.workers,
-                      seed=cfg.seed, rank=cfg.rank, world_size=cfg.world_size, fp16=cfg.amp and device.type == "cuda")
-        train = build_dali_loader(train_samples, batch_size=cfg.batch_size, train=True, pad_crop=pad_crop, hflip=hflip,
+        common = dict(inputs=inputs, device=device, workers=cfg.workers, seed=seed, rank=rank, world_size=world_size,
+                      fp16=amp and device.type == "cuda")
+        train = build_dali_loader(train_samples, batch_size=batch_size, train=True, pad_crop=pad_crop, hflip=hflip,
                                   randaug=cfg.randaug, **common)
-        val = build_dali_loader(val_samples, batch_size=ebs, train=False, crop_pct=cfg.crop_pct, **common)
-    elif cfg.backend == "torch":
-        pin = device.type == "cuda"
-        ttf = train_transform(cfg.input_size, cfg.mean, cfg.std, pad_crop=pad_crop, hflip=hflip, randaug=cfg.randaug)
-        etf = eval_transform(cfg.input_size, cfg.mean, cfg.std, cfg.crop_pct)
-        train = DeviceLoader(build_torch_loader(train_samples, ttf, batch_size=cfg.batch_size, train=True, workers=cfg.workers,
-                                                seed=cfg.seed, rank=cfg.rank, world_size=cfg.world_size, pin_memory=pin), device)
-        val = DeviceLoader(build_torch_loader(val_samples, etf, batch_size=ebs, train=False, workers=cfg.workers,
-                                              seed=cfg.seed, rank=cfg.rank, world_size=cfg.world_size, pin_memory=pin), device)
+        val = build_dali_loader(val_samples, batch_size=ebs, train=False, **common)
     else:
-        raise DataError(f"unknown data backend '{cfg.backend}' (torch or dali)")
-    return DataBundle(train=train, val=val, classes=scan.classes, name=name, train_files=train_samples,
+        common = dict(workers=cfg.workers, seed=seed, rank=rank, world_size=world_size, pin_memory=device.type == "cuda")
+        ttf = train_transform(inputs, pad_crop=pad_crop, hflip=hflip, randaug=cfg.randaug)
+        train = DeviceLoader(build_torch_loader(train_samples, ttf, batch_size=batch_size, train=True, **common), device)
+        val = DeviceLoader(build_torch_loader(val_samples, eval_transform(inputs), batch_size=ebs, train=False, **common),
+                           device)
+    return DataBundle(train=train, val=val, classes=scan.classes, name=source.name, train_files=train_samples,
                       val_files=val_samples, skipped=skipped, empty_classes=scan.empty_classes)

@@ -8,24 +8,32 @@ centre crop, every image of the shard exactly once (a partial last batch, no pad
 from __future__ import annotations
 
 import math
-import re
+from typing import TYPE_CHECKING
 
 import torch
 
+from ..errors import DataError
+from .augment import RandAugmentSpec, pad_size
 from .torchvision import shard_bounds
+
+if TYPE_CHECKING:
+    from . import InputSpec
 
 __all__ = ["build_dali_loader", "DaliLoader"]
 
 
-def _randaug_params(spec: str) -> tuple[int, int]:
-    """(n, m) of a timm RandAugment string such as rand-m9-n2-mstd0.5 (defaults n=2, m=9)."""
-    n = re.search(r"-n(\d+)", spec)
-    m = re.search(r"-m(\d+)", spec)
-    return int(n.group(1)) if n else 2, int(m.group(1)) if m else 9
+def _randaug(spec: str) -> RandAugmentSpec:
+    """The RandAugment string as DALI can honour it: m of mmax and n; anything else is refused rather than
+    silently dropped, so --randaug means the same on both backends."""
+    ra = RandAugmentSpec.parse(spec)
+    if ra.mstd or ra.extra:
+        raise DataError(f"--randaug '{spec}' under --dali: DALI's RandAugment takes only m, n and mmax "
+                        "(no magnitude noise mstd or other timm keys); use e.g. rand-m9-n2, or the torch loader")
+    return ra
 
 
-def _pipeline(files, labels, *, train, size, mean, std, gpu, pad_crop, hflip, crop_pct, fp16, seed, rank,
-              world_size, batch_size, threads, device_id, randaug):
+def _pipeline(files, labels, *, train, inputs, gpu, pad_crop, hflip, fp16, seed, rank, world_size, batch_size,
+              threads, device_id, randaug):
     from nvidia.dali import fn, pipeline_def, types
 
     @pipeline_def(enable_conditionals=bool(randaug))
@@ -33,11 +41,12 @@ def _pipeline(files, labels, *, train, size, mean, std, gpu, pad_crop, hflip, cr
         jpegs, lab = fn.readers.file(files=files, labels=labels, shuffle_after_epoch=train, shard_id=rank,
                                      num_shards=world_size, pad_last_batch=not train, name="Reader", seed=seed)
         images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB)
+        size, mean, std = inputs.size, inputs.mean, inputs.std
         dtype = types.FLOAT16 if fp16 else types.FLOAT
         norm = dict(mean=[255 * m for m in mean], std=[255 * s for s in std], dtype=dtype, output_layout="CHW")
         if train:
             if pad_crop:
-                pad = max(1, size // 8)
+                pad = pad_size(size)
                 images = fn.resize(images, size=(size, size))
                 images = fn.crop(images, crop=(size + 2 * pad, size + 2 * pad), out_of_bounds_policy="pad", fill_values=0)
                 images = fn.crop(images, crop=(size, size), crop_pos_x=fn.random.uniform(range=(0.0, 1.0)),
@@ -47,12 +56,12 @@ def _pipeline(files, labels, *, train, size, mean, std, gpu, pad_crop, hflip, cr
             if randaug:
                 from nvidia.dali.auto_aug import rand_augment
 
-                n, m = _randaug_params(randaug)
-                images = rand_augment.rand_augment(images, n=n, m=m)
+                # timm's magnitude m of mmax is DALI's bin m of mmax + 1 bins (same share of the full range)
+                images = rand_augment.rand_augment(images, n=randaug.n, m=randaug.m, num_magnitude_bins=randaug.mmax + 1)
             mirror = fn.random.coin_flip(probability=hflip) if hflip > 0 else 0
             images = fn.crop_mirror_normalize(images, mirror=mirror, **norm)
         else:
-            images = fn.resize(images, resize_shorter=int(math.floor(size / crop_pct)), interp_type=types.INTERP_CUBIC)
+            images = fn.resize(images, resize_shorter=int(math.floor(size / inputs.crop_pct)), interp_type=types.INTERP_CUBIC)
             images = fn.crop_mirror_normalize(images, crop=(size, size), crop_pos_x=0.5, crop_pos_y=0.5, **norm)
         return images, lab
 
@@ -86,23 +95,22 @@ class DaliLoader:
         pass
 
 
-def build_dali_loader(samples: list[tuple[str, int]], *, batch_size: int, train: bool, size: int, mean, std,
+def build_dali_loader(samples: list[tuple[str, int]], *, batch_size: int, train: bool, inputs: InputSpec,
                       device: torch.device, workers: int, seed: int, rank: int = 0, world_size: int = 1,
-                      fp16: bool = False, pad_crop: bool = False, hflip: float = 0.5, crop_pct: float = 1.0,
+                      fp16: bool = False, pad_crop: bool = False, hflip: float = 0.5,
                       randaug: str | None = None) -> DaliLoader:
     """A DALI loader over exactly these (path, label) samples."""
     try:
         import nvidia.dali  # noqa: F401
     except ImportError as e:
-        from .folder import DataError
-
         raise DataError("--dali needs NVIDIA DALI: pip install nvidia-dali-cuda130 (or the README's install command)") from e
     gpu = device.type == "cuda"
     files = [p for p, _ in samples]
     labels = [c for _, c in samples]
-    pipe = _pipeline(files, labels, train=train, size=size, mean=mean, std=std, gpu=gpu, pad_crop=pad_crop,
-                     hflip=hflip, crop_pct=crop_pct, fp16=fp16, seed=seed, rank=rank, world_size=world_size,
+    ra = _randaug(randaug) if randaug and train else None
+    pipe = _pipeline(files, labels, train=train, inputs=inputs, gpu=gpu, pad_crop=pad_crop, hflip=hflip, fp16=fp16,
+                     seed=seed, rank=rank, world_size=world_size,
                      batch_size=batch_size, threads=max(1, workers),
-                     device_id=(device.index or 0) if gpu else None, randaug=randaug if train else None)
+                     device_id=(device.index or 0) if gpu else None, randaug=ra)
     lo, hi = shard_bounds(len(samples), rank, world_size)
     return DaliLoader(pipe, train, batch_size, hi - lo, device)

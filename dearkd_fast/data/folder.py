@@ -20,9 +20,11 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..checkpoint import atomic_write_json
+from ..errors import DataError
 
 __all__ = [
     "DataError",
+    "DataSource",
     "FolderScan",
     "IMG_EXTENSIONS",
     "cache_root",
@@ -32,13 +34,10 @@ __all__ = [
     "builtin_digits",
     "builtin_cifar10",
     "resolve_data",
+    "BUILTIN_SETS",
 ]
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-
-
-class DataError(ValueError):
-    """Bad input data (missing folder, empty class, nothing decodable): a one-line message, exit 2."""
 
 
 @dataclass
@@ -82,57 +81,15 @@ def scan_image_folder(
 
     `classes` fixes the class list and order (a validation folder must use the training classes).
     """
-    if not os.path.isdir(root):
-        raise DataError(f"data folder '{root}' does not exist")
-    found = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
-    if not found:
-        raise DataError(f"data folder '{root}' has no class folders (expected root/<class>/<image>)")
-    if classes is None:
-        classes = found
-    else:
-        extra = sorted(set(found) - set(classes))
-        if extra:
-            raise DataError(f"data folder '{root}' has classes the training data lacks: {', '.join(extra[:5])}")
-    files: list[tuple[str, int]] = []
-    for idx, name in enumerate(classes):
-        cdir = os.path.join(root, name)
-        if not os.path.isdir(cdir):
-            continue
-        for dirpath, _, names in sorted(os.walk(cdir, followlinks=True)):
-            files.extend(
-                (os.path.join(dirpath, n), idx) for n in sorted(names) if n.lower().endswith(IMG_EXTENSIONS)
-            )
-    files.sort()
-    mpath = _manifest_path(root)
-    try:
-        with open(mpath) as f:
-            manifest = json.load(f)
-    except (OSError, ValueError):
-        manifest = {}
-    stats = {p: os.stat(p) for p, _ in files}
-    keys = {p: [stats[p].st_size, stats[p].st_mtime_ns] for p, _ in files}
-    todo = [p for p, _ in files if manifest.get(p, [None, None, None])[:2] != keys[p]]
-    if todo:
-        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            results = list(
-                tqdm(pool.map(_decodes, todo, chunksize=64), total=len(todo), desc=f"checking {os.path.basename(os.path.abspath(root))}",
-                     unit="img", disable=not progress or len(todo) < 500, leave=False)
-            )
-        for p, ok in zip(todo, results):
-            manifest[p] = keys[p] + [ok]
-        manifest = {p: manifest[p] for p, _ in files}
-        try:
-            atomic_write_json(manifest, mpath)
-        except OSError:
-            pass  # a read-only cache only costs a re-check next time
-    samples = [(p, c) for p, c in files if manifest[p][2]]
-    skipped = [p for p, _ in files if not manifest[p][2]]
-    counts = [0] * len(classes)
-    for _, c in samples:
-        counts[c] += 1
-    empty = [classes[i] for i, n in enumerate(counts) if n == 0]
+    classes = _class_names(root, classes)
+    files = _list_images(root, classes)
+    ok = _decodable([p for p, _ in files], _manifest_path(root), workers, progress, os.path.basename(os.path.abspath(root)))
+    samples = [(p, c) for p, c in files if ok[p]]
+    skipped = [p for p, _ in files if not ok[p]]
     if not samples:
         raise DataError(f"data folder '{root}' holds no decodable images")
+    present = {c for _, c in samples}
+    empty = [name for i, name in enumerate(classes) if i not in present]
     if empty and not allow_empty_classes:
         raise DataError(
             f"class folder '{os.path.join(root, empty[0])}' has no usable images"
@@ -140,6 +97,55 @@ def scan_image_folder(
             + "; pass --allow-empty-classes to train anyway"
         )
     return FolderScan(root=root, classes=list(classes), samples=samples, skipped=skipped, empty_classes=empty)
+
+
+def _class_names(root: str, classes: list[str] | None) -> list[str]:
+    """The class folders of root (sorted), or `classes` after checking root has no others."""
+    if not os.path.isdir(root):
+        raise DataError(f"data folder '{root}' does not exist")
+    found = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    if not found:
+        raise DataError(f"data folder '{root}' has no class folders (expected root/<class>/<image>)")
+    if classes is None:
+        return found
+    extra = sorted(set(found) - set(classes))
+    if extra:
+        raise DataError(f"data folder '{root}' has classes the training data lacks: {', '.join(extra[:5])}")
+    return list(classes)
+
+
+def _list_images(root: str, classes: list[str]) -> list[tuple[str, int]]:
+    """(path, class index) of every file with an image extension under root/<class>/, sorted."""
+    files: list[tuple[str, int]] = []
+    for idx, name in enumerate(classes):
+        cdir = os.path.join(root, name)
+        if not os.path.isdir(cdir):
+            continue
+        for dirpath, _, names in sorted(os.walk(cdir, followlinks=True)):
+            files.extend((os.path.join(dirpath, n), idx) for n in sorted(names) if n.lower().endswith(IMG_EXTENSIONS))
+    return sorted(files)
+
+
+def _decodable(paths: list[str], manifest_path: str, workers: int, progress: bool, label: str) -> dict[str, bool]:
+    """{path: decodes fully}, decoding only files the manifest (keyed by size and mtime) does not know."""
+    try:
+        with open(manifest_path) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError):
+        manifest = {}
+    keys = {p: [st.st_size, st.st_mtime_ns] for p in paths for st in (os.stat(p),)}
+    todo = [p for p in paths if manifest.get(p, [None, None, None])[:2] != keys[p]]
+    if todo:
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            results = list(tqdm(pool.map(_decodes, todo, chunksize=64), total=len(todo), desc=f"checking {label}",
+                                unit="img", disable=not progress or len(todo) < 500, leave=False))
+        manifest.update((p, keys[p] + [ok]) for p, ok in zip(todo, results))
+        manifest = {p: manifest[p] for p in paths}
+        try:
+            atomic_write_json(manifest, manifest_path)
+        except OSError:
+            pass  # a read-only cache only costs a re-check next time
+    return {p: bool(manifest[p][2]) for p in paths}
 
 
 def balanced_subset(samples: list[tuple[str, int]], fraction: float, seed: int) -> list[tuple[str, int]]:
@@ -218,51 +224,77 @@ def builtin_digits() -> tuple[str, str]:
 def builtin_cifar10(tar_dir: str) -> tuple[str, str]:
     """Extract CIFAR-10's train.tar.gz / test.tar.gz (ImageFolder inside) once into the cache."""
     tars = {s: os.path.join(tar_dir, f"{s}.tar.gz") for s in ("train", "test")}
-    for s, p in tars.items():
+    for p in tars.values():
         if not os.path.isfile(p):
             raise DataError(f"cifar10: '{p}' not found (give the folder holding train.tar.gz and test.tar.gz)")
     final = os.path.join(cache_root(), "cifar10")
     if not _complete(final):
         os.makedirs(cache_root(), exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=".cifar10-", dir=cache_root())
-        for s, p in tars.items():
-            with tarfile.open(p, "r:gz") as tf:
-                members = [m for m in tf.getmembers() if m.isdir() or m.isfile()]
-                for m in members:  # plain files and folders inside the target only (also where tarfile has no filter=)
-                    if os.path.isabs(m.name) or ".." in m.name.split("/"):
-                        raise DataError(f"cifar10: '{p}' holds an unsafe path '{m.name}'")
-                for m in tqdm(members, desc=f"extracting cifar10/{s}", unit="file", leave=False):
-                    tf.extract(m, tmp, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+        for split, path in tars.items():
+            _extract(path, tmp, f"cifar10/{split}")
         if os.path.isdir(final):
             shutil.rmtree(final, ignore_errors=True)
         _publish(tmp, final)
     return os.path.join(final, "train"), os.path.join(final, "test")
 
 
-def resolve_data(data: str, val_data: str | None) -> tuple[str, str | None, str]:
-    """Map --data / --val-data to folders: `digits`, `cifar10[:DIR]`, or an ImageFolder path.
+def _extract(path: str, dest: str, label: str) -> None:
+    """Extract the plain files and folders of a tarball into dest; DataError for a member outside it."""
+    with tarfile.open(path, "r:gz") as tf:
+        members = [m for m in tf.getmembers() if m.isdir() or m.isfile()]
+        unsafe = [m.name for m in members if os.path.isabs(m.name) or ".." in m.name.split("/")]
+        if unsafe:  # checked here too: Python before 3.11.4 has no tarfile filter=
+            raise DataError(f"{label}: '{path}' holds an unsafe path '{unsafe[0]}'")
+        kw = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+        for m in tqdm(members, desc=f"extracting {label}", unit="file", leave=False):
+            tf.extract(m, dest, **kw)
 
-    Returns (train_dir, val_dir or None, name). A built-in name as --val-data means that set's
-    validation split (e.g. train on synthetic images, evaluate on real digits). For `cifar10`
-    without a DIR the folder comes from the environment variable DEARKD_CIFAR10_DIR.
+
+@dataclass(frozen=True)
+class DataSource:
+    """Where --data / --val-data point, and the defaults that belong to the data set."""
+
+    train_dir: str
+    val_dir: str | None  # None: hold out a share of train_dir
+    name: str
+    hflip: float = 0.5  # default flip probability (digits are not mirror-symmetric: 0)
+
+
+# built-in sets: name -> (train_dir, val_dir) builder taking the part after "name:", and the set's flip default
+BUILTIN_SETS = {
+    "digits": (lambda arg: builtin_digits(), 0.0),
+    "cifar10": (lambda arg: builtin_cifar10(_cifar10_dir(arg)), 0.5),
+}
+
+
+def _cifar10_dir(arg: str) -> str:
+    tar_dir = arg or os.environ.get("DEARKD_CIFAR10_DIR", "")
+    if not tar_dir:
+        raise DataError("cifar10: give the tarball folder as --data cifar10:DIR or set DEARKD_CIFAR10_DIR")
+    return tar_dir
+
+
+def _builtin_name(spec: str) -> str | None:
+    name = spec.partition(":")[0]
+    return name if name in BUILTIN_SETS and (spec == name or name == "cifar10") else None
+
+
+def resolve_data(data: str, val_data: str | None) -> DataSource:
+    """Map --data / --val-data to folders: a built-in set (`digits`, `cifar10[:DIR]`) or an ImageFolder path.
+
+    A built-in name as --val-data means that set's validation split (e.g. train on synthetic images,
+    evaluate on real digits). For `cifar10` without a DIR the folder comes from the environment
+    variable DEARKD_CIFAR10_DIR.
     """
-    train, val, name = _builtin(data)
+    name = _builtin_name(data)
+    if name is None:
+        source = DataSource(data, None, os.path.basename(os.path.normpath(data)))
+    else:
+        build, hflip = BUILTIN_SETS[name]
+        source = DataSource(*build(data.partition(":")[2]), name, hflip)
     if val_data is not None:
-        val = _builtin(val_data)[1] if _is_builtin(val_data) else val_data
-    return train, val, name
-
-
-def _is_builtin(spec: str) -> bool:
-    return spec == "digits" or spec == "cifar10" or spec.startswith("cifar10:")
-
-
-def _builtin(spec: str) -> tuple[str, str | None, str]:
-    """(train_dir, val_dir, name) of a built-in set, or (spec, None, folder name) for a path."""
-    if spec == "digits":
-        return (*builtin_digits(), "digits")
-    if spec == "cifar10" or spec.startswith("cifar10:"):
-        tar_dir = spec.partition(":")[2] or os.environ.get("DEARKD_CIFAR10_DIR", "")
-        if not tar_dir:
-            raise DataError("cifar10: give the tarball folder as --data cifar10:DIR or set DEARKD_CIFAR10_DIR")
-        return (*builtin_cifar10(tar_dir), "cifar10")
-    return spec, None, os.path.basename(os.path.normpath(spec))
+        vname = _builtin_name(val_data)
+        val_dir = BUILTIN_SETS[vname][0](val_data.partition(":")[2])[1] if vname else val_data
+        source = DataSource(source.train_dir, val_dir, source.name, source.hflip)
+    return source

@@ -2,11 +2,17 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms as T
+
+from .augment import RandAugmentSpec, pad_size
+
+if TYPE_CHECKING:
+    from . import InputSpec
 
 __all__ = ["ImageListDataset", "train_transform", "eval_transform", "build_torch_loader", "ShardSampler", "shard_bounds"]
 
@@ -28,25 +34,27 @@ class ImageListDataset(Dataset):
         return (self.transform(img) if self.transform else img), label
 
 
-def train_transform(size: int, mean, std, *, pad_crop: bool, hflip: float, randaug: str | None = None):
+def train_transform(inputs: InputSpec, *, pad_crop: bool, hflip: float, randaug: str | None = None):
     """Random-resized-crop (or pad-and-crop for small inputs), flip, optional RandAugment, normalise."""
-    ops = [T.RandomCrop(size, padding=max(1, size // 8)) if pad_crop
+    size = inputs.size
+    ops = [T.RandomCrop(size, padding=pad_size(size)) if pad_crop
            else T.RandomResizedCrop(size, interpolation=T.InterpolationMode.BICUBIC)]
     if hflip > 0:
         ops.append(T.RandomHorizontalFlip(hflip))
     if randaug:
         from timm.data.auto_augment import rand_augment_transform
 
-        ops.append(rand_augment_transform(randaug, {"img_mean": tuple(round(255 * m) for m in mean)}))
-    ops += [T.ToTensor(), T.Normalize(mean, std)]
+        RandAugmentSpec.parse(randaug)  # one reading of the string for both backends (DataError if unreadable)
+        ops.append(rand_augment_transform(randaug, {"img_mean": tuple(round(255 * m) for m in inputs.mean)}))
+    ops += [T.ToTensor(), T.Normalize(inputs.mean, inputs.std)]
     return T.Compose(ops)
 
 
-def eval_transform(size: int, mean, std, crop_pct: float = 1.0):
+def eval_transform(inputs: InputSpec):
     """Resize the short side to size / crop_pct, centre-crop size, normalise."""
     return T.Compose([
-        T.Resize(int(math.floor(size / crop_pct)), interpolation=T.InterpolationMode.BICUBIC),
-        T.CenterCrop(size), T.ToTensor(), T.Normalize(mean, std),
+        T.Resize(int(math.floor(inputs.size / inputs.crop_pct)), interpolation=T.InterpolationMode.BICUBIC),
+        T.CenterCrop(inputs.size), T.ToTensor(), T.Normalize(inputs.mean, inputs.std),
     ])
 
 

@@ -21,7 +21,12 @@ from timm.layers import DropPath, Mlp, PatchEmbed, trunc_normal_
 from timm.models import register_model
 from torch import Tensor
 
-__all__ = ["MHCA", "Attention", "Block", "DearKDViT", "relative_positions", "kernel_offsets"]
+from ..checkpoint import atomic_save, load_model_file
+from ..config import IMAGENET_MEAN, IMAGENET_STD
+from ..errors import CheckpointError, InputError
+
+__all__ = ["MHCA", "Attention", "Block", "DearKDViT", "relative_positions", "kernel_offsets", "save_student",
+           "load_student"]
 
 NUM_PREFIX_TOKENS = 2  # cls, dist
 TIMM_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")  # create_model passes these along
@@ -162,9 +167,9 @@ class DearKDViT(nn.Module):
         for k in TIMM_KWARGS:
             kwargs.pop(k, None)
         if kwargs:
-            raise TypeError(f"DearKDViT got unexpected arguments: {sorted(kwargs)}")
+            raise InputError(f"DearKDViT got unexpected arguments: {sorted(kwargs)}")
         if not 0 <= num_mhca <= depth:
-            raise ValueError(f"num_mhca must be in [0, depth={depth}], got {num_mhca}")
+            raise InputError(f"num_mhca must be in [0, depth={depth}], got {num_mhca}")
         self.num_classes = num_classes
         self.embed_dim = self.num_features = embed_dim
         self.num_mhca = num_mhca
@@ -213,7 +218,7 @@ class DearKDViT(nn.Module):
         """Choose the blocks whose patch tokens forward() returns in training mode."""
         for b in blocks:
             if not 0 <= b < len(self.blocks):
-                raise ValueError(f"tap block {b} out of range for depth {len(self.blocks)}")
+                raise InputError(f"tap block {b} out of range for depth {len(self.blocks)}")
         self.tap_blocks = tuple(blocks)
 
     def get_classifier(self) -> nn.Module:
@@ -247,8 +252,8 @@ def _cfg(img_size: int, **kw) -> dict:
         "pool_size": None,
         "crop_pct": 0.875 if img_size >= 128 else 1.0,
         "interpolation": "bicubic",
-        "mean": (0.485, 0.456, 0.406),
-        "std": (0.229, 0.224, 0.225),
+        "mean": IMAGENET_MEAN,
+        "std": IMAGENET_STD,
         "first_conv": "patch_embed.proj",
         "classifier": ("head", "head_dist"),
         **kw,
@@ -258,7 +263,7 @@ def _cfg(img_size: int, **kw) -> dict:
 def _create(name: str, pretrained: bool, defaults: dict, kwargs: dict) -> DearKDViT:
     """Build a registered variant: its defaults, overridden by the caller's kwargs."""
     if pretrained:
-        raise ValueError(f"{name}: no pretrained weights exist; train it or load a checkpoint file")
+        raise InputError(f"{name}: no pretrained weights exist; train it or load a checkpoint file")
     cfg = {**defaults, **kwargs}
     model = DearKDViT(**cfg)
     model.default_cfg = model.pretrained_cfg = _cfg(cfg["img_size"])
@@ -298,3 +303,27 @@ def dearkd_micro_patch4_32(pretrained: bool = False, **kwargs) -> DearKDViT:
     """The CPU demo model: 32 px, patch 4, dim 96, depth 6, 3 heads, MHCA in blocks 0-1 (a third)."""
     defaults = dict(img_size=32, patch_size=4, embed_dim=96, depth=6, num_heads=3, num_mhca=2, drop_path_rate=0.0)
     return _create("dearkd_micro_patch4_32", pretrained, defaults, kwargs)
+
+
+STUDENT_FORMAT = "dearkd_fast.student/1"
+
+
+def save_student(model: DearKDViT, name: str, class_names: list[str], inputs, path: str) -> None:
+    """Write student.pt atomically: the timm name, classes, input spec (size, mean, std) and weights."""
+    atomic_save({"format": STUDENT_FORMAT, "model": name, "num_classes": len(class_names),
+                 "class_names": list(class_names), "input_size": inputs.size, "mean": tuple(inputs.mean),
+                 "std": tuple(inputs.std), "state_dict": model.state_dict()}, path)
+
+
+def load_student(path: str, device: str | torch.device = "cpu") -> tuple[DearKDViT, dict]:
+    """Rebuild a student from student.pt: (model on device, the file's metadata without the weights)."""
+    import timm
+
+    ck = load_model_file(path, "student", STUDENT_FORMAT)
+    meta = {k: v for k, v in ck.items() if k != "state_dict"}
+    try:
+        model = timm.create_model(ck["model"], num_classes=ck["num_classes"])
+        model.load_state_dict(ck["state_dict"])
+    except (RuntimeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"student checkpoint '{path}' does not fit its model ({type(e).__name__})") from None
+    return model.to(device), meta

@@ -6,7 +6,6 @@ are CIFAR-style ResNets (3x3 stem, no max-pool) that teach well at 32 px. A teac
 """
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass, field
 
 import timm
@@ -15,13 +14,16 @@ import torch.nn as nn
 from timm.models import register_model
 from torch import Tensor
 
+from ..checkpoint import atomic_save, load_model_file
+from ..config import IMAGENET_MEAN, IMAGENET_STD
+from ..errors import CheckpointError, InputError
 from .student import TIMM_KWARGS
 
 __all__ = [
     "CifarResNet",
     "Teacher",
     "TeacherSpec",
-    "TeacherCheckpointError",
+    "freeze",
     "create_teacher_model",
     "default_taps",
     "save_teacher",
@@ -29,10 +31,6 @@ __all__ = [
 ]
 
 CHECKPOINT_FORMAT = "dearkd_fast.teacher/1"
-
-
-class TeacherCheckpointError(ValueError):
-    """A teacher checkpoint that is missing, unreadable, or does not fit the run."""
 
 
 class BasicBlock(nn.Module):
@@ -60,7 +58,7 @@ class CifarResNet(nn.Module):
         for k in TIMM_KWARGS:
             kwargs.pop(k, None)
         if kwargs:
-            raise TypeError(f"CifarResNet got unexpected arguments: {sorted(kwargs)}")
+            raise InputError(f"CifarResNet got unexpected arguments: {sorted(kwargs)}")
         self.num_classes = num_classes
         self.conv1 = nn.Conv2d(in_chans, widths[0], 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
@@ -95,12 +93,12 @@ class CifarResNet(nn.Module):
 
 def _cifar_cfg() -> dict:
     return {"num_classes": 10, "input_size": (3, 32, 32), "crop_pct": 1.0, "interpolation": "bilinear",
-            "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225), "first_conv": "conv1", "classifier": "fc"}
+            "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "first_conv": "conv1", "classifier": "fc"}
 
 
 def _cifar(blocks: int, widths: tuple[int, int, int], pretrained: bool, kwargs: dict) -> CifarResNet:
     if pretrained:
-        raise ValueError("cifar_resnet: no pretrained weights exist; train the teacher (--teacher-epochs)")
+        raise InputError("cifar_resnet: no pretrained weights exist; train the teacher (--teacher-epochs)")
     model = CifarResNet(blocks, widths, **kwargs)
     model.default_cfg = model.pretrained_cfg = _cifar_cfg()
     return model
@@ -132,9 +130,9 @@ def create_teacher_model(arch: str, num_classes: int) -> nn.Module:
         try:
             return torchvision.models.get_model(arch[3:], weights=None, num_classes=num_classes)
         except ValueError as e:
-            raise TeacherCheckpointError(f"unknown torchvision teacher '{arch[3:]}'") from e
+            raise CheckpointError(f"unknown torchvision teacher '{arch[3:]}'") from e
     if not timm.is_model(arch):
-        raise TeacherCheckpointError(f"unknown teacher architecture '{arch}' (not a timm model name)")
+        raise CheckpointError(f"unknown teacher architecture '{arch}' (not a timm model name)")
     return timm.create_model(arch, pretrained=False, num_classes=num_classes)
 
 
@@ -148,7 +146,7 @@ def default_taps(model: nn.Module, count: int = 2) -> list[str]:
             return names[:count]
     names = [n for n in ("layer1", "layer2", "s1", "s2", "stages.0", "stages.1") if _has_module(model, n)]
     if len(names) < count:
-        raise TeacherCheckpointError(
+        raise CheckpointError(
             f"cannot find {count} early stages in {type(model).__name__}; name them with --teacher-taps"
         )
     return names[:count]
@@ -189,7 +187,8 @@ class Teacher(nn.Module):
         self.model = model
         self.spec = spec
         # x_t = (x * std_in + mean_in - mean_t) / std_t = x * renorm_scale + renorm_shift (buffers: moved once)
-        self.renorm = input_norm is not None and (tuple(input_norm[0]), tuple(input_norm[1])) != (tuple(spec.mean), tuple(spec.std))
+        own = (tuple(spec.mean), tuple(spec.std))
+        self.renorm = input_norm is not None and (tuple(input_norm[0]), tuple(input_norm[1])) != own
         if self.renorm:
             m_in, s_in = (torch.tensor(v).view(1, 3, 1, 1) for v in input_norm)
             m_t, s_t = torch.tensor(spec.mean).view(1, 3, 1, 1), torch.tensor(spec.std).view(1, 3, 1, 1)
@@ -203,7 +202,7 @@ class Teacher(nn.Module):
             try:
                 module = model.get_submodule(name)
             except AttributeError as e:
-                raise TeacherCheckpointError(f"teacher {spec.arch} has no module '{name}' to tap") from e
+                raise CheckpointError(f"teacher {spec.arch} has no module '{name}' to tap") from e
             self._handles.append(module.register_forward_hook(self._make_hook(i)))
         self.calls = 0
         self.freeze()
@@ -215,11 +214,9 @@ class Teacher(nn.Module):
         return hook
 
     def freeze(self) -> None:
-        self.model.eval()
-        for p in self.model.parameters():
-            p.requires_grad_(False)
+        freeze(self.model)
 
-    def train(self, mode: bool = True) -> "Teacher":  # always eval: BN running stats never move
+    def train(self, mode: bool = True) -> Teacher:  # always eval: BN running stats never move
         super().train(False)
         return self
 
@@ -241,32 +238,38 @@ class Teacher(nn.Module):
         return [f.shape[1] for f in feats]
 
 
+def freeze(model: nn.Module) -> nn.Module:
+    """Eval mode (BN running statistics never move) and no gradients for any parameter."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
 def save_teacher(model: nn.Module, spec: TeacherSpec, path: str) -> None:
     """Write teacher.pt atomically: weights plus the spec."""
-    from ..checkpoint import atomic_save
-
     atomic_save({"format": CHECKPOINT_FORMAT, "spec": asdict(spec), "state_dict": model.state_dict()}, path)
 
 
-def load_teacher(path: str, num_classes: int | None = None, map_location: str | torch.device = "cpu") -> tuple[nn.Module, TeacherSpec]:
-    """Rebuild a teacher from teacher.pt; TeacherCheckpointError names whatever does not fit."""
-    if not os.path.isfile(path):
-        raise TeacherCheckpointError(f"teacher checkpoint '{path}' does not exist")
+def load_teacher(path: str, num_classes: int | None = None, map_location: str | torch.device = "cpu",
+                 class_names: list[str] | None = None) -> tuple[nn.Module, TeacherSpec]:
+    """Rebuild a teacher from teacher.pt; CheckpointError names whatever does not fit (the class count,
+    or the class names and their order when `class_names` is given)."""
+    ckpt = load_model_file(path, "teacher", CHECKPOINT_FORMAT, map_location)
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any unreadable file is a bad input
-        raise TeacherCheckpointError(f"teacher checkpoint '{path}' cannot be read: {type(e).__name__}") from e
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise TeacherCheckpointError(f"'{path}' is not a dearkd_fast teacher checkpoint (format {CHECKPOINT_FORMAT})")
-    s = ckpt["spec"]
-    spec = TeacherSpec(**{**s, "mean": tuple(s["mean"]), "std": tuple(s["std"])})
+        s = ckpt["spec"]
+        spec = TeacherSpec(**{**s, "mean": tuple(s["mean"]), "std": tuple(s["std"])})
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(f"teacher checkpoint '{path}' lacks or mangles a field of its spec ({e})") from None
     if num_classes is not None and spec.num_classes != num_classes:
-        raise TeacherCheckpointError(
-            f"teacher checkpoint '{path}' has {spec.num_classes} classes but the data has {num_classes}"
-        )
+        raise CheckpointError(f"teacher checkpoint '{path}' has {spec.num_classes} classes but the data has {num_classes}")
+    if class_names is not None and spec.class_names != list(class_names):
+        raise CheckpointError(
+            f"teacher checkpoint '{path}' has classes {spec.class_names[:3]}... but the data has "
+            f"{list(class_names)[:3]}... (same count, different names or order)")
     model = create_teacher_model(spec.arch, spec.num_classes)
     try:
         model.load_state_dict(ckpt["state_dict"])
-    except RuntimeError as e:
-        raise TeacherCheckpointError(f"teacher checkpoint '{path}' does not fit architecture {spec.arch}") from e
+    except (RuntimeError, KeyError, TypeError):
+        raise CheckpointError(f"teacher checkpoint '{path}' does not fit architecture {spec.arch}") from None
     return model, spec

@@ -1,0 +1,478 @@
+"""Every default of both tools, written once: typed, frozen configurations and named presets.
+
+`TrainConfig` (python -m dearkd_fast.train) and `InvertConfig` (python -m dearkd_fast.invert) hold
+every setting; `DataConfig` (the data flags) sits inside `TrainConfig`, `RunConfig` (the flags both
+tools share) inside both. The command-line parsers and the README's flag tables are built from
+these classes (`build_parser`, `flag_table`), so a default or a help text lives in exactly one place.
+A config checks itself when it is made (`InputError` naming the flag) and computes what derives from
+it (the stage-switch epoch, the device, the preset of an image size); nothing is written back.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import time
+import typing
+from dataclasses import MISSING, dataclass, field
+from typing import Any
+
+import torch
+
+from .errors import InputError
+
+__all__ = [
+    "IMAGENET_MEAN", "IMAGENET_STD", "SMALL_IMAGE_MAX", "InversionPreset", "SizePreset", "PRESETS", "preset_for",
+    "RunConfig", "DataConfig", "TrainConfig", "InvertConfig", "SynthesisSettings", "build_parser",
+    "from_argv", "flag_table", "flat",
+]
+
+# ImageNet normalisation: the statistics of every registered model of this project (timm's defaults too)
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+# images of at most this side are "small" (CIFAR-style): pad-and-crop augmentation, our inversion settings
+SMALL_IMAGE_MAX = 64
+
+
+# ---------------------------------------------------------------------------------------------- presets
+
+
+@dataclass(frozen=True)
+class InversionPreset:
+    """DeepInversion coefficients and iterations of one full-resolution phase."""
+
+    lr: float
+    r_bn: float
+    first_bn_mult: float
+    tv_l2: float
+    tv_l1: float
+    l2: float
+    iterations: int
+
+
+@dataclass(frozen=True)
+class SizePreset:
+    """Settings that depend on the image size: the train augmentation and the inversion defaults."""
+
+    name: str
+    description: str
+    pad_crop: bool  # pad-and-crop (small images) instead of random-resized-crop
+    inversion: InversionPreset
+
+
+PRESETS: dict[str, SizePreset] = {
+    # the public DeepInversion settings at 224 px (3,000 iterations in all, split evenly over the two phases)
+    "224": SizePreset("224", f"> {SMALL_IMAGE_MAX} px", pad_crop=False, inversion=InversionPreset(
+        lr=0.25, r_bn=0.01, first_bn_mult=10.0, tv_l2=1e-4, tv_l1=0.0, l2=1e-5, iterations=1500)),
+    # ours for CIFAR-style teachers, tuned on digits (benchmarks/RESULTS.md)
+    "small": SizePreset("small", f"<= {SMALL_IMAGE_MAX} px", pad_crop=True, inversion=InversionPreset(
+        lr=0.25, r_bn=1.0, first_bn_mult=10.0, tv_l2=1e-3, tv_l1=0.0, l2=1e-5, iterations=120)),
+}
+
+
+def preset_for(side: int) -> SizePreset:
+    """The preset of an image side: 'small' up to SMALL_IMAGE_MAX px, else '224'."""
+    return PRESETS["small" if side <= SMALL_IMAGE_MAX else "224"]
+
+
+def _preset_help(key: str) -> str:
+    vals = {p.description: getattr(p.inversion, key) for p in PRESETS.values()}
+    if len(set(vals.values())) == 1:
+        return f"default {next(iter(vals.values())):g}"
+    return "default " + ", ".join(f"{v:g} at {d}" for d, v in vals.items())
+
+
+# ---------------------------------------------------------------------------------------------- fields
+
+
+def flag(default: Any = MISSING, help: str = "", *, group: str, name: str | None = None, choices=None,
+         factory=None, shown: str | None = None, preset: str | None = None):
+    """A dataclass field that is also a command-line flag (`--field-name` unless `name` is given).
+
+    `shown` is the default as the README prints it (for defaults computed at run time); `preset`
+    names the InversionPreset field a None default falls back to (the help text says which values).
+    """
+    if preset is not None:
+        help = f"{help} ({_preset_help(preset)})"
+    md = {"group": group, "help": help, "flag": name, "choices": choices, "shown": shown}
+    if factory is not None:
+        return field(default_factory=factory, metadata=md)
+    return field(default=default, metadata=md)
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise InputError(message)
+
+
+def _finite(name: str, value: float | None, *, low: float | None = None, high: float | None = None,
+            low_open: bool = False) -> None:
+    """Refuse NaN/inf and values outside [low, high] (or (low, high] with low_open)."""
+    if value is None:
+        return
+    _check(math.isfinite(value), f"{name} must be a finite number, got {value}")
+    if low is not None:
+        _check(value > low if low_open else value >= low, f"{name} must be {'>' if low_open else '>='} {low:g}, got {value:g}")
+    if high is not None:
+        _check(value <= high, f"{name} must be <= {high:g}, got {value:g}")
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' -> cuda when available, else cpu; InputError for a device this machine lacks."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise InputError(f"--device '{device}' is not a device (auto, cpu, cuda, cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {device}: CUDA is not available on this machine")
+    if dev.type not in ("cpu", "cuda"):
+        raise InputError(f"--device {device}: only cpu and cuda are supported")
+    return dev
+
+
+# ---------------------------------------------------------------------------------------------- configs
+
+BACKENDS = ("auto", "triton", "native", "torch")  # ops.BACKENDS; kept here so the parser needs no kernels
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """The run flags both tools share."""
+
+    resume: bool = flag(False, "continue the run in --output", group="run")
+    overwrite: bool = flag(False, "replace a finished run in --output", group="run")
+    seed: int = flag(0, "seed of everything random (data subset and order, initialisation, augmentation, noise)", group="run")
+    device: str = flag("auto", "auto, cpu, cuda, cuda:N", group="run")
+    amp: bool = flag(False, "bf16 autocast", group="run")
+    compile: bool = flag(False, "torch.compile the network that runs every step (train: student; invert: teacher)", group="run")
+    backend: str = flag("auto", "loss kernels (dearkd_fast.ops)", group="run", choices=BACKENDS)
+    no_progress: bool = flag(False, "no progress bars", group="run")
+
+    def __post_init__(self):
+        _check(not (self.resume and self.overwrite), "--resume and --overwrite exclude each other")
+        _check(self.seed >= 0, f"--seed must be >= 0, got {self.seed}")
+        resolve_device(self.device)
+
+    @property
+    def torch_device(self) -> torch.device:
+        return resolve_device(self.device)
+
+    @property
+    def progress(self) -> bool:
+        return not self.no_progress
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """Where the images come from and how they are read and augmented."""
+
+    source: str = flag("digits", "ImageFolder root, 'digits' (built in), or 'cifar10[:TARBALL_DIR]'", group="data",
+                       name="--data")
+    val_source: str | None = flag(None, "validation ImageFolder (default: the built-in set's split, else a "
+                                  "class-balanced 10%% hold-out of --data)", group="data", name="--val-data")
+    fraction: float = flag(1.0, "class-balanced share of the training images, in (0, 1]", group="data",
+                           name="--data-fraction")
+    allow_empty_classes: bool = flag(False, "report empty class folders instead of failing", group="data")
+    workers: int = flag(min(4, os.cpu_count() or 1), "data loading workers/threads", group="data", shown="min(4, cores)")
+    dali: bool = flag(False, "decode and augment with NVIDIA DALI (GPU when --device is CUDA)", group="data")
+    hflip: float | None = flag(None, "horizontal flip probability (default: the built-in set's, 0 on digits; else 0.5)",
+                               group="data")
+    randaug: str | None = flag(None, "timm RandAugment string, e.g. rand-m9-mstd0.5 (DALI: rand-mM-nN only)", group="data")
+    holdout: float = 0.1  # held-out share of --data when no validation folder exists
+    eval_batch_size: int | None = None  # default: twice the training batch
+    pad_crop: bool | None = None  # default: the size preset's
+
+    def __post_init__(self):
+        _finite("--data-fraction", self.fraction, low=0.0, low_open=True, high=1.0)
+        _check(self.workers >= 0, f"--workers must be >= 0, got {self.workers}")
+        _finite("--hflip", self.hflip, low=0.0, high=1.0)
+        _check(0.0 <= self.holdout < 1.0, f"holdout must be in [0, 1), got {self.holdout}")
+
+    @property
+    def loader(self) -> str:
+        """The input pipeline: 'dali' or 'torch' (torchvision DataLoader)."""
+        return "dali" if self.dali else "torch"
+
+
+def _default_run_dir() -> str:
+    return os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Every setting of python -m dearkd_fast.train."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    mixup: float = flag(0.0, "Mixup alpha (0: off)", group="data")
+    cutmix: float = flag(0.0, "CutMix alpha (0: off)", group="data")
+    smoothing: float = flag(0.0, "label smoothing, in [0, 1)", group="data")
+    model: str = flag("dearkd_micro_patch4_32", "student (timm name, dearkd_*)", group="models")
+    teacher: str = flag("cifar_resnet8", "teacher architecture (timm name or tv:<torchvision name>)", group="models")
+    teacher_ckpt: str | None = flag(None, "teacher.pt to load instead of training a teacher", group="models")
+    teacher_epochs: int = flag(10, "epochs to train the teacher when no --teacher-ckpt", group="models")
+    teacher_lr: float = flag(2e-3, "AdamW learning rate of the teacher", group="models")
+    teacher_weight_decay: float = flag(5e-4, "AdamW weight decay of the teacher", group="models")
+    teacher_taps: str | None = flag(None, "comma-separated teacher modules to align to (default: first two stages)",
+                                    group="models")
+    epochs: int = flag(20, "E: total student epochs", group="optimisation")
+    stage1_epochs: int | None = flag(None, "E1: epochs of stage 1 (default: 2/3 of --epochs, rounded up)",
+                                     group="optimisation")
+    batch_size: int = flag(64, "per step", group="optimisation")
+    lr: float = flag(1e-3, "AdamW peak learning rate", group="optimisation")
+    min_lr_ratio: float = flag(0.01, "cosine floor, as a share of --lr", group="optimisation")
+    weight_decay: float = flag(0.05, "AdamW (not on norms, biases, tokens, position embeddings)", group="optimisation")
+    warmup_epochs: int = flag(2, "linear warm-up", group="optimisation")
+    max_norm: float | None = flag(None, "gradient clipping norm", group="optimisation")
+    alpha: float = flag(0.5, "weight of KD against CE in stage 1", group="distillation")
+    beta: float = flag(1.0, "weight of the feature-alignment losses", group="distillation")
+    distillation_type: str = flag("hard", "`hard` (CE on teacher argmax) or `soft` (KL at --tau)", group="distillation",
+                                  choices=("hard", "soft"))
+    tau: float = flag(1.0, "soft-KD temperature", group="distillation")
+    align_standardize: bool = flag(False, "per-channel standardise teacher maps before alignment", group="distillation")
+    output: str = flag(help="output folder", group="run", factory=_default_run_dir, shown="runs/<date-time>")
+    run: RunConfig = field(default_factory=RunConfig)
+    # the teacher warms up over this share of its steps, at most one epoch
+    teacher_warmup_share: float = 0.1
+
+    def __post_init__(self):
+        _check(self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}")
+        e1 = self.switch_epoch
+        _check(0 <= e1 <= self.epochs, f"--stage1-epochs must be in [0, --epochs={self.epochs}], got {e1}")
+        _check(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
+        _finite("--lr", self.lr, low=0.0, low_open=True)
+        _finite("--teacher-lr", self.teacher_lr, low=0.0, low_open=True)
+        _finite("--alpha", self.alpha, low=0.0, high=1.0)
+        _finite("--beta", self.beta, low=0.0)
+        _finite("--tau", self.tau, low=0.0, low_open=True)
+        _finite("--weight-decay", self.weight_decay, low=0.0)
+        _finite("--teacher-weight-decay", self.teacher_weight_decay, low=0.0)
+        _finite("--min-lr-ratio", self.min_lr_ratio, low=0.0, high=1.0)
+        _finite("--max-norm", self.max_norm, low=0.0, low_open=True)
+        _finite("--mixup", self.mixup, low=0.0)
+        _finite("--cutmix", self.cutmix, low=0.0)
+        _check(self.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {self.warmup_epochs}")
+        _check(self.teacher_epochs >= 0, f"--teacher-epochs must be >= 0, got {self.teacher_epochs}")
+        _finite("--smoothing", self.smoothing, low=0.0)
+        _check(self.smoothing < 1.0, f"--smoothing must be < 1, got {self.smoothing}")
+        _check(not (self.mixes and self.batch_size % 2), "--mixup/--cutmix need an even --batch-size")
+        _check(self.teacher_ckpt is not None or self.teacher_epochs >= 1 or e1 == 0,
+               "stage 1 needs a teacher: give --teacher-ckpt or --teacher-epochs >= 1")
+        _check(bool(self.output), "--output must not be empty")
+
+    @property
+    def switch_epoch(self) -> int:
+        """E1, the first stage-2 epoch: --stage1-epochs, else 2/3 of --epochs rounded up."""
+        return self.stage1_epochs if self.stage1_epochs is not None else (2 * self.epochs + 2) // 3
+
+    @property
+    def mixes(self) -> bool:
+        return self.mixup > 0 or self.cutmix > 0
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.switch_epoch > 0
+
+    def teacher_warmup_steps(self, steps_per_epoch: int) -> int:
+        return min(steps_per_epoch, int(self.teacher_epochs * steps_per_epoch * self.teacher_warmup_share))
+
+
+@dataclass(frozen=True)
+class SynthesisSettings(InversionPreset):
+    """The resolved settings that define an inversion run (compared on --resume): the coefficients
+    (flags where given, else the size preset's) and everything else the images depend on."""
+
+    resolution: int
+    jitter: int
+    flip: bool
+    multi_resolution: bool
+    bpid: float
+    bpid_margin: float
+    bpid_lambda: float
+    adi: float
+    images_per_class: int
+    batch_size: int
+    seed: int
+    num_classes: int
+    teacher: str
+    amp: bool
+    compile: bool
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True, kw_only=True)
+class InvertConfig:
+    """Every setting of python -m dearkd_fast.invert."""
+
+    teacher_ckpt: str | None = flag(None, "teacher.pt written by the trainer (holds everything else)", group="teacher")
+    teacher: str | None = flag(None, "timm name (random weights unless --teacher-ckpt; for speed tests)", group="teacher")
+    num_classes: int | None = flag(None, "classes of a --teacher given by name", group="teacher")
+    class_names: str | None = flag(None, "comma-separated class folder names, in label order", group="teacher")
+    preset: str = flag("auto", "coefficient defaults: 'small' (ours, <= 64 px), '224' (the public DeepInversion "
+                       "settings), or 'auto' by resolution", group="synthesis", choices=("auto", *PRESETS))
+    images_per_class: int = flag(16, "images of every class", group="synthesis")
+    batch_size: int = flag(64, "images optimised together (batches cycle through the classes)", group="synthesis")
+    resolution: int | None = flag(None, "image side (default: the teacher's input size)", group="synthesis")
+    iterations: int | None = flag(None, "iterations of the full-resolution phase; the half-resolution phase runs the "
+                                  "same number again", group="synthesis", preset="iterations")
+    multi_resolution: bool = flag(True, "first phase at half resolution (2x average-pooled)", group="synthesis")
+    lr: float | None = flag(None, "Adam(0.5, 0.9) learning rate, cosine per phase", group="synthesis", preset="lr")
+    r_bn: float | None = flag(None, "BN-statistics weight", group="synthesis", preset="r_bn")
+    first_bn_mult: float | None = flag(None, "multiplier of the first BN layer", group="synthesis", preset="first_bn_mult")
+    tv_l2: float | None = flag(None, "L2 total variation weight", group="synthesis", preset="tv_l2")
+    tv_l1: float | None = flag(None, "L1 total variation weight", group="synthesis", preset="tv_l1")
+    l2: float | None = flag(None, "image L2-norm weight", group="synthesis", preset="l2")
+    jitter: int | None = flag(None, "max random roll in pixels (default 30 * resolution / 224)", group="synthesis")
+    flip: bool = flag(True, "random horizontal flip", group="synthesis")
+    bpid: float = flag(10.0, "weight of the boundary-preserving intra-divergence loss (0: off)", group="synthesis")
+    bpid_margin: float = flag(1.0, "logit margin m of L_BPID", group="synthesis")
+    bpid_lambda: float = flag(0.3, "weight lambda_b of L_BPID's boundary term", group="synthesis")
+    adi: float = flag(0.0, "Adaptive DeepInversion competition weight (needs --student-ckpt)", group="synthesis")
+    student_ckpt: str | None = flag(None, "student.pt for the ADI competition term", group="synthesis")
+    output: str = flag(help="ImageFolder to write", group="run")
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self):
+        _check(self.teacher_ckpt is not None or self.teacher is not None,
+               "give --teacher-ckpt (a teacher.pt) or --teacher NAME with --num-classes")
+        _check(self.teacher_ckpt is not None or bool(self.num_classes), "--teacher NAME needs --num-classes")
+        _check(self.images_per_class >= 1, f"--images-per-class must be >= 1, got {self.images_per_class}")
+        _check(self.batch_size >= 2, f"--batch-size must be >= 2, got {self.batch_size}")
+        _check(not (self.adi > 0 and not self.student_ckpt), "--adi needs --student-ckpt")
+        _check(bool(self.output), "--output must not be empty")
+
+    def size_preset(self, resolution: int) -> SizePreset:
+        return PRESETS[self.preset] if self.preset != "auto" else preset_for(resolution)
+
+    def synthesis(self, teacher_arch: str, num_classes: int, input_size: int) -> SynthesisSettings:
+        """The settings of this run for a teacher: flags where given, else the size preset's."""
+        res = self.resolution or input_size
+        base = self.size_preset(res).inversion
+        coeffs = {k: (getattr(self, k) if getattr(self, k) is not None else v) for k, v in dataclasses.asdict(base).items()}
+        return SynthesisSettings(
+            **coeffs, resolution=res, jitter=self.jitter if self.jitter is not None else max(1, round(30 * res / 224)),
+            flip=self.flip, multi_resolution=self.multi_resolution, bpid=self.bpid, bpid_margin=self.bpid_margin,
+            bpid_lambda=self.bpid_lambda, adi=self.adi, images_per_class=self.images_per_class,
+            batch_size=self.batch_size, seed=self.run.seed, num_classes=num_classes, teacher=teacher_arch,
+            amp=self.run.amp, compile=self.run.compile)
+
+
+# ---------------------------------------------------------------------------------------------- parsing
+
+
+def _flag_fields(cls) -> list[tuple[dataclasses.Field, Any, tuple[str, ...]]]:
+    """(field, type, path) of every flag of cls, nested configs included, in declaration order."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out += [(g, t, (f.name, *p)) for g, t, p in _flag_fields(tp)]
+        elif "group" in f.metadata:
+            out.append((f, tp, (f.name,)))
+    return out
+
+
+def _base_type(tp) -> type:
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return args[0] if args else tp
+
+
+def _flag_name(f: dataclasses.Field) -> str:
+    return f.metadata["flag"] or "--" + f.name.replace("_", "-")
+
+
+def _dest(f: dataclasses.Field) -> str:
+    return _flag_name(f)[2:].replace("-", "_")
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2 (argparse prints the whole usage otherwise)
+        raise InputError(message)
+
+
+def build_parser(cls, prog: str, description: str) -> argparse.ArgumentParser:
+    """An argparse parser with one flag per config field, grouped as the fields say."""
+    p = Parser(prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f, tp, _ in _flag_fields(cls):
+        md = f.metadata
+        g = groups.setdefault(md["group"], p.add_argument_group(md["group"]))
+        kw: dict[str, Any] = {"dest": _dest(f), "help": md["help"]}
+        base = _base_type(tp)
+        if f.default is MISSING and f.default_factory is MISSING:
+            kw["required"] = True
+        elif f.default_factory is not MISSING:
+            kw["default"] = None
+        else:
+            kw["default"] = f.default
+        if base is bool:
+            kw["action"] = argparse.BooleanOptionalAction if f.default is True else "store_true"
+        else:
+            kw["type"] = base
+            if md["choices"]:
+                kw["choices"] = list(md["choices"])
+        g.add_argument(_flag_name(f), **kw)
+    return p
+
+
+def _build(cls, values: dict[str, Any]):
+    kwargs = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[f.name] = _build(tp, values)
+        elif "group" in f.metadata:
+            v = values[_dest(f)]
+            if not (v is None and f.default_factory is not MISSING):
+                kwargs[f.name] = v
+    return cls(**kwargs)
+
+
+def from_argv(cls, argv: list[str] | None, prog: str, description: str = ""):
+    """Parse argv into a frozen cls; InputError (one line) on a bad flag or value."""
+    return _build(cls, vars(build_parser(cls, prog, description).parse_args(argv)))
+
+
+def flat(cfg) -> dict[str, Any]:
+    """{flag dest: value} of every flag of a config (nested ones included), for summaries and metadata."""
+    out: dict[str, Any] = {}
+    for f, _, path in _flag_fields(type(cfg)):
+        v = cfg
+        for name in path:
+            v = getattr(v, name)
+        out[_dest(f)] = v
+    return out
+
+
+def flag_table(cls) -> str:
+    """The README's markdown table of every flag of cls: flag, default, meaning."""
+    rows = ["| flag | default | meaning |", "|---|---|---|"]
+    group = None
+    for f, tp, _ in _flag_fields(cls):
+        md = f.metadata
+        if md["group"] != group:
+            group = md["group"]
+            rows.append(f"| **{group}** | | |")
+        name = _flag_name(f)
+        names = f"`{name}`, `--no-{name[2:]}`" if _base_type(tp) is bool and f.default is True else f"`{name}`"
+        if md["shown"] is not None:
+            shown = md["shown"]
+        elif f.default is MISSING or f.default is None or f.default is False or f.default_factory is not MISSING:
+            shown = ""
+        else:
+            shown = f"`{f.default}`"
+        rows.append(f"| {names} | {shown} | {md['help'].replace('%%', '%')} |")
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":  # python -m dearkd_fast.config train|invert: the README's flag table of a tool
+    import sys
+
+    print(flag_table({"train": TrainConfig, "invert": InvertConfig}[sys.argv[1]]), end="")
