@@ -1,42 +1,123 @@
-"""What both command-line tools share: one-line errors, exit codes, the log of a failure, the output guard.
+"""What both command-line tools share: one-line errors, exit codes, the log of a failure, the output folder.
 
 Exit 0 on success; 2 on an InputError (the user can fix it: one line); 1 on anything else (one
-line on stderr, the traceback in `<output>/error.log`; DEARKD_DEBUG=1 re-raises); 130 on Ctrl-C.
+line on stderr, the traceback in `<output>/error.log`; DEARKD_DEBUG=1 re-raises); 130 on Ctrl-C,
+143 on SIGTERM (one line each).
 """
 from __future__ import annotations
 
+import json
 import os
+import signal
 import sys
 import tempfile
 import time
 import traceback
 from typing import Callable
 
+from .checkpoint import TMP_PREFIX, atomic_write_json, remove_temporaries
 from .config import from_argv
-from .errors import InputError
+from .errors import InputError, Terminated
 
-__all__ = ["run_cli", "check_output"]
+__all__ = ["run_cli", "OutputFolder", "MANIFEST"]
 
 
-def check_output(output: str, run_files: tuple[str, ...], resume: bool, overwrite: bool, resume_file: str) -> None:
-    """Refuse an output folder that holds another run, unless resuming or overwriting."""
-    if os.path.exists(output) and not os.path.isdir(output):
-        raise InputError(f"--output '{output}' is a file")
-    existing = [f for f in run_files if os.path.exists(os.path.join(output, f))]
-    if existing and not (resume or overwrite):
-        raise InputError(f"output folder '{output}' holds another run ({existing[0]}); pass --resume or --overwrite")
-    if resume and not os.path.isfile(os.path.join(output, resume_file)):
-        raise InputError(f"--resume: no {resume_file} in '{output}'")
+MANIFEST = "run.json"
+MANIFEST_FORMAT = "dearkd_fast.run/1"
+
+
+class OutputFolder:
+    """A tool's --output folder and its manifest (run.json): the files this tool wrote there. Only those
+    are ever replaced or deleted; --overwrite without a manifest of the same tool touches nothing."""
+
+    def __init__(self, root: str, tool: str, files: list[str] | None = None):
+        self.root, self.tool, self.files = root, tool, list(files or [])
+
+    @classmethod
+    def open(cls, root: str, tool: str, *, resume: bool, overwrite: bool, resume_file: str,
+             own_names: tuple[str, ...] = (), exclusive: bool = False) -> OutputFolder:
+        """Check --output for this run and claim it; InputError names why not. A folder with a manifest of
+        this tool needs --resume or --overwrite (unless the run wrote nothing); a folder without one may
+        be written into only if it holds none of `own_names` (and, when `exclusive`, nothing at all)."""
+        if os.path.exists(root) and not os.path.isdir(root):
+            raise InputError(f"--output '{root}' is a file")
+        listing = [f for f in (os.listdir(root) if os.path.isdir(root) else []) if not f.startswith(TMP_PREFIX)]
+        manifest = _read_manifest(root) if MANIFEST in listing else None
+        if manifest is not None and not manifest["files"] and not resume:  # a claim on which nothing was written
+            listing, manifest = [f for f in listing if f != MANIFEST], None
+        if manifest is not None and manifest.get("tool") != tool:
+            raise InputError(f"output folder '{root}' holds a run of {manifest.get('tool')}; choose another --output")
+        if resume:
+            if not os.path.isfile(os.path.join(root, resume_file)):
+                raise InputError(f"--resume: no {resume_file} in '{root}'")
+            out = cls(root, tool, manifest["files"] if manifest else [resume_file])
+        elif manifest is not None:
+            if not overwrite:
+                raise InputError(f"output folder '{root}' holds another run of {tool}; pass --resume to continue it "
+                                 "or --overwrite to replace it")
+            out = cls(root, tool, manifest["files"])
+            out.remove_own_files()
+        elif listing and (exclusive or any(n in listing for n in own_names)):
+            what = "holds files of a run without run.json" if resume_file in listing else "is not empty"
+            raise InputError(f"output folder '{root}' {what}, so no file in it is known to be this tool's; "
+                             "choose a new or empty --output" + (" (or --resume)" if resume_file in listing else ""))
+        else:
+            out = cls(root, tool)
+        os.makedirs(root, exist_ok=True)
+        remove_temporaries(root, recursive=True)
+        out.save()
+        return out
+
+    def path(self, relpath: str) -> str:
+        """The path of an output file, recorded in the manifest as this tool's (before it is written)."""
+        self.record([relpath])
+        return os.path.join(self.root, relpath)
+
+    def record(self, relpaths: list[str]) -> None:
+        new = [p for p in relpaths if p not in self.files]
+        if new:
+            self.files += new
+            self.save()
+
+    def save(self) -> None:
+        atomic_write_json({"format": MANIFEST_FORMAT, "tool": self.tool, "files": self.files},
+                          os.path.join(self.root, MANIFEST))
+
+    def remove_own_files(self) -> None:
+        """Delete the files the manifest lists (regular files inside the folder only), then forget them."""
+        real_root = os.path.realpath(self.root)
+        for rel in self.files:
+            path = os.path.realpath(os.path.join(self.root, rel))
+            if os.path.commonpath([real_root, path]) == real_root and os.path.isfile(path) and not os.path.islink(
+                    os.path.join(self.root, rel)):
+                os.remove(path)
+        self.files = []
+
+
+def _read_manifest(root: str) -> dict:
+    try:
+        with open(os.path.join(root, MANIFEST), encoding="utf-8") as f:
+            m = json.load(f)
+        if m.get("format") != MANIFEST_FORMAT or not isinstance(m.get("files"), list):
+            raise ValueError
+        return m
+    except (OSError, ValueError, AttributeError):
+        raise InputError(f"'{os.path.join(root, MANIFEST)}' is not a dearkd_fast run manifest; choose another "
+                         "--output") from None
 
 
 def _log_failure(prog: str, output: str | None) -> str:
-    """Append the current traceback to <output>/error.log (a temporary file when there is no folder)."""
+    """Append the current traceback to <output>/error.log (a temporary file when there is no folder or
+    it cannot be written)."""
     text = f"--- {prog} {time.strftime('%Y-%m-%d %H:%M:%S')}\n{traceback.format_exc()}\n"
     if output and os.path.isdir(output):
         path = os.path.join(output, "error.log")
-        with open(path, "a", encoding="utf-8") as f:
-            f.write(text)
-        return path
+        try:
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(text)
+            return path
+        except OSError:
+            pass
     fd, path = tempfile.mkstemp(prefix="dearkd_fast-error-", suffix=".log")
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(text)
@@ -48,9 +129,15 @@ def _one_line(e: BaseException) -> str:
     return lines[0] if lines else type(e).__name__
 
 
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
 def run_cli(prog: str, config_cls: type, description: str, run: Callable, argv: list[str] | None) -> int:
-    """Parse argv into config_cls, run it, and sort any error by the tree (errors.py) into an exit code."""
+    """Parse argv into config_cls, run it, and sort any error by the tree (errors.py) into an exit code:
+    0 done, 2 InputError, 1 anything else (traceback in error.log), 130 Ctrl-C, 143 SIGTERM."""
     cfg = None
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if _main_thread() else None
     try:
         cfg = from_argv(config_cls, argv, f"python -m {prog}", description)
         run(cfg)
@@ -58,12 +145,23 @@ def run_cli(prog: str, config_cls: type, description: str, run: Callable, argv: 
     except InputError as e:
         print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, Terminated) as e:
+        how = "SIGTERM" if isinstance(e, Terminated) else "Ctrl-C"
+        print(f"{prog}: interrupted ({how}); every file written so far is whole: continue with --resume",
+              file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
     except Exception as e:  # noqa: BLE001 - outside the InputError branch everything is a run-time failure
         if os.environ.get("DEARKD_DEBUG"):
             raise
         log = _log_failure(prog, getattr(cfg, "output", None))
         print(f"{prog}: failed: {type(e).__name__}: {_one_line(e)} (traceback in {log})", file=sys.stderr)
         return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()

@@ -191,6 +191,12 @@ class DataConfig:
         _check(self.workers >= 0, f"--workers must be >= 0, got {self.workers}")
         _finite("--hflip", self.hflip, low=0.0, high=1.0)
         _check(0.0 <= self.holdout < 1.0, f"holdout must be in [0, 1), got {self.holdout}")
+        if self.randaug:  # read now (not at the first batch); the same reading for both loaders
+            from .data.augment import RandAugmentSpec
+
+            spec = RandAugmentSpec.parse(self.randaug)
+            if self.dali:
+                spec.check_dali()
 
     @property
     def loader(self) -> str:
@@ -345,6 +351,17 @@ class InvertConfig:
         _check(self.batch_size >= 2, f"--batch-size must be >= 2, got {self.batch_size}")
         _check(not (self.adi > 0 and not self.student_ckpt), "--adi needs --student-ckpt")
         _check(bool(self.output), "--output must not be empty")
+        _check(self.num_classes is None or self.num_classes >= 1, f"--num-classes must be >= 1, got {self.num_classes}")
+        _check(self.iterations is None or self.iterations >= 1, f"--iterations must be >= 1, got {self.iterations}")
+        low = 16 if self.multi_resolution else 8  # the half-resolution phase needs 8 px
+        _check(self.resolution is None or self.resolution >= low,
+               f"--resolution must be >= {low}" + (" with --multi-resolution" if self.multi_resolution else "")
+               + f", got {self.resolution}")
+        _check(self.jitter is None or self.jitter >= 0, f"--jitter must be >= 0, got {self.jitter}")
+        _finite("--lr", self.lr, low=0.0, low_open=True)
+        for name in ("r_bn", "first_bn_mult", "tv_l2", "tv_l1", "l2", "bpid", "bpid_lambda", "adi"):
+            _finite("--" + name.replace("_", "-"), getattr(self, name), low=0.0)
+        _finite("--bpid-margin", self.bpid_margin)
 
     def size_preset(self, resolution: int) -> SizePreset:
         return PRESETS[self.preset] if self.preset != "auto" else preset_for(resolution)

@@ -14,7 +14,7 @@ built-in kinds keeps working.
 """
 from __future__ import annotations
 
-__all__ = ["DearKDError", "InputError", "DataError", "CheckpointError", "BackendError", "RunError"]
+__all__ = ["DearKDError", "InputError", "DataError", "CheckpointError", "BackendError", "RunError", "Terminated"]
 
 
 class DearKDError(Exception):
@@ -39,3 +39,8 @@ class BackendError(InputError):
 
 class RunError(DearKDError, RuntimeError):
     """A failure at run time that no input caused directly (diverged loss, empty loader): exit 1."""
+
+
+class Terminated(KeyboardInterrupt):
+    """Not an error: SIGTERM, raised in the main thread by the command-line tools so that a run unwinds
+    as on Ctrl-C (loader workers shut down, no file torn) and exits 143."""

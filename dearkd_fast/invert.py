@@ -6,14 +6,15 @@ optimised from its own seed (seed + batch index), so `--resume` after a kill red
 and produces the same images an uninterrupted run would. Exit 0 / 2 (bad input) / 1 (run-time failure).
 
 The run is a short sequence of steps: check_inputs -> load_inversion_teacher -> prepare_output ->
-build_objective -> synthesize_all -> finalise.
+build_objective -> synthesize_all -> finalise. --output must be empty or this tool's own run (its
+run.json lists every file it wrote; --overwrite removes only those).
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
-import re
 import sys
 import time
 
@@ -25,17 +26,16 @@ from tqdm import tqdm
 
 from . import config, engine
 from .checkpoint import atomic_write, atomic_write_json
-from .cli import check_output, run_cli
+from .cli import OutputFolder, run_cli
 from .config import IMAGENET_MEAN, IMAGENET_STD, InvertConfig, SynthesisSettings
-from .errors import InputError
+from .data.folder import check_folder_names
+from .errors import InputError, RunError
 from .losses import DeepInversionLoss, penultimate
 from .models.student import load_student
-from .models.teacher import TeacherSpec, create_teacher_model, freeze, load_teacher
+from .models.teacher import TeacherSpec, check_teacher_arch, create_teacher_model, freeze, load_teacher
 
 PROG = "dearkd_fast.invert"
 DESCRIPTION = __doc__.split("\n\n")[0]
-RUN_FILES = ("meta.json", "progress.json")
-IMAGE_NAME = re.compile(r"\d{5}\.png")  # what this tool writes into a class folder
 
 
 def build_parser():
@@ -46,13 +46,12 @@ def build_parser():
 
 
 def check_inputs(cfg: InvertConfig) -> None:
-    """Missing checkpoint files and an occupied output folder are refused before any work."""
+    """Missing checkpoint files are refused before any work."""
     for flag_name, path in (("--teacher-ckpt", cfg.teacher_ckpt), ("--student-ckpt", cfg.student_ckpt)):
         if path is not None and not os.path.isfile(path):
             raise InputError(f"{flag_name} '{path}' does not exist")
-    check_output(cfg.output, RUN_FILES, cfg.run.resume, cfg.run.overwrite, "progress.json")
-    if os.path.isdir(cfg.output) and os.listdir(cfg.output) and not (cfg.run.resume or cfg.run.overwrite):
-        raise InputError(f"output folder '{cfg.output}' is not empty; pass --overwrite to write into it")
+    if cfg.teacher_ckpt is None:
+        check_teacher_arch(cfg.teacher)
 
 
 def load_inversion_teacher(cfg: InvertConfig) -> tuple[torch.nn.Module, TeacherSpec]:
@@ -73,38 +72,31 @@ def load_inversion_teacher(cfg: InvertConfig) -> tuple[torch.nn.Module, TeacherS
         if len(names) != spec.num_classes:
             raise InputError(f"--class-names gives {len(names)} names for a teacher of {spec.num_classes} classes")
         spec.class_names = names
+    check_folder_names(spec.class_names, "--class-names" if cfg.class_names else f"the class names of {cfg.teacher_ckpt}")
     if spec.class_names != sorted(spec.class_names):
         raise InputError("class names must be in sorted (ImageFolder) order so that folder order equals label order")
     freeze(model)
     return model, spec
 
 
-def prepare_output(cfg: InvertConfig, spec: TeacherSpec, s: SynthesisSettings) -> dict:
-    """The run's progress state: read back on --resume (settings must match), else new. --overwrite
-    removes only what this tool writes; temporary files of a killed write always go."""
-    progress_path = os.path.join(cfg.output, "progress.json")
+def prepare_output(cfg: InvertConfig, s: SynthesisSettings) -> tuple[OutputFolder, dict]:
+    """Claim --output (only an empty folder, or this tool's own run with --resume / --overwrite, which
+    removes only the files its manifest lists) and return the progress state: read back on --resume
+    (settings must match), else new."""
+    out = OutputFolder.open(cfg.output, PROG, resume=cfg.run.resume, overwrite=cfg.run.overwrite,
+                            resume_file="progress.json", exclusive=True)
     state = {"settings": s.as_dict(), "done": {}}
     if cfg.run.resume:
-        with open(progress_path) as f:
-            state = json.load(f)
-        if state["settings"] != s.as_dict():
-            diff = sorted(k for k, v in s.as_dict().items() if state["settings"].get(k) != v)
-            raise InputError(f"--resume: settings differ from the run in '{cfg.output}': {', '.join(diff)}")
-    os.makedirs(cfg.output, exist_ok=True)
-    if cfg.run.overwrite:
-        for name in spec.class_names:
-            folder = os.path.join(cfg.output, name)
-            for f in os.listdir(folder) if os.path.isdir(folder) else []:
-                if IMAGE_NAME.fullmatch(f):
-                    os.remove(os.path.join(folder, f))
-        for f in RUN_FILES:
-            if os.path.exists(os.path.join(cfg.output, f)):
-                os.remove(os.path.join(cfg.output, f))
-    for root, _, files in os.walk(cfg.output):
-        for f in files:
-            if f.startswith(".tmp-"):
-                os.remove(os.path.join(root, f))
-    return state
+        try:
+            with open(os.path.join(out.root, "progress.json")) as f:
+                state = json.load(f)
+            stored = state["settings"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise InputError(f"--resume: '{os.path.join(out.root, 'progress.json')}' is unreadable") from None
+        if stored != s.as_dict():
+            diff = sorted(k for k, v in s.as_dict().items() if stored.get(k) != v)
+            raise InputError(f"--resume: settings differ from the run in '{out.root}': {', '.join(diff)}")
+    return out, state
 
 
 def build_objective(cfg: InvertConfig, model: torch.nn.Module, s: SynthesisSettings, device: torch.device) -> DeepInversionLoss:
@@ -120,8 +112,8 @@ def build_objective(cfg: InvertConfig, model: torch.nn.Module, s: SynthesisSetti
     return crit
 
 
-def synthesize_all(cfg: InvertConfig, crit: DeepInversionLoss, spec: TeacherSpec, s: SynthesisSettings, state: dict,
-                   device: torch.device) -> None:
+def synthesize_all(cfg: InvertConfig, out: OutputFolder, crit: DeepInversionLoss, spec: TeacherSpec,
+                   s: SynthesisSettings, state: dict, device: torch.device) -> None:
     """Every batch not yet done: optimise it from seed + k, write its PNGs, record it in progress.json."""
     plan = batches(spec.num_classes, s.images_per_class, s.batch_size)
     bar = tqdm(total=len(plan), initial=len(state["done"]), desc="batches", disable=not cfg.run.progress, dynamic_ncols=True)
@@ -130,20 +122,24 @@ def synthesize_all(cfg: InvertConfig, crit: DeepInversionLoss, spec: TeacherSpec
             continue
         targets = torch.tensor([j % spec.num_classes for j in ids], device=device)
         x, terms = synthesize_batch(crit, targets, s, spec, s.seed + k, device, cfg.run.progress, f"batch {k + 1}/{len(plan)}")
-        save_images(x, ids, cfg.output, spec)
+        if not (torch.isfinite(x).all() and all(math.isfinite(v) for v in terms.values())):
+            raise RunError(f"batch {k + 1}: the objective diverged (loss {terms['loss']}); lower --lr or the "
+                           "coefficients. Finished batches are kept: --resume continues")
+        out.record([os.path.relpath(image_path(out.root, spec, j), out.root) for j in ids])
+        save_images(x, ids, out.root, spec)
         state["done"][str(k)] = terms
-        atomic_write_json(state, os.path.join(cfg.output, "progress.json"))
+        atomic_write_json(state, out.path("progress.json"))
         bar.update(1)
         tqdm.write(f"batch {k + 1}/{len(plan)}: " + "  ".join(f"{n} {v:.4g}" for n, v in terms.items()))
     bar.close()
     crit.close()
 
 
-def finalise(cfg: InvertConfig, model: torch.nn.Module, spec: TeacherSpec, s: SynthesisSettings, state: dict,
-             device: torch.device, t0: float) -> dict:
+def finalise(cfg: InvertConfig, out: OutputFolder, model: torch.nn.Module, spec: TeacherSpec, s: SynthesisSettings,
+             state: dict, device: torch.device, t0: float) -> dict:
     """Judge the saved PNGs with the teacher and write meta.json."""
     n_images = spec.num_classes * s.images_per_class
-    acc, dist = evaluate_synthetic(model, cfg.output, spec, n_images, device, s.batch_size)
+    acc, dist = evaluate_synthetic(model, out.root, spec, n_images, device, s.batch_size)
     finals = list(state["done"].values())
     meta = {
         "settings": s.as_dict(),
@@ -159,7 +155,7 @@ def finalise(cfg: InvertConfig, model: torch.nn.Module, spec: TeacherSpec, s: Sy
         "elapsed_s": round(time.time() - t0, 1),
         "device": str(device),
     }
-    atomic_write_json(meta, os.path.join(cfg.output, "meta.json"))
+    atomic_write_json(meta, out.path("meta.json"))
     print(f"\n{n_images} images in {cfg.output}: teacher agrees with the target on {acc:.1f}%, "
           f"final BN loss {meta['bn_loss_final']:.4f}, intra-class distance {dist:.4f}, {meta['elapsed_s']:.0f}s")
     return meta
@@ -171,11 +167,11 @@ def run(cfg: InvertConfig) -> dict:
     device = cfg.run.torch_device
     model, spec = load_inversion_teacher(cfg)
     s = cfg.synthesis(spec.arch, spec.num_classes, spec.input_size)
-    state = prepare_output(cfg, spec, s)
+    out, state = prepare_output(cfg, s)
     model = model.to(device)
     crit = build_objective(cfg, model, s, device)
-    synthesize_all(cfg, crit, spec, s, state, device)
-    return finalise(cfg, model, spec, s, state, device, t0)
+    synthesize_all(cfg, out, crit, spec, s, state, device)
+    return finalise(cfg, out, model, spec, s, state, device, t0)
 
 
 # ---------------------------------------------------------------------------------------------- pieces

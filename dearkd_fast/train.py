@@ -24,17 +24,19 @@ from tqdm import tqdm
 
 from . import config, engine, ops
 from .checkpoint import atomic_save, atomic_write_json, load_checkpoint, rng_state, set_rng_state
-from .cli import check_output, run_cli
+from .cli import OutputFolder, run_cli
 from .config import TrainConfig
 from .data import DataBundle, InputSpec, build_data
 from .errors import CheckpointError, InputError
 from .losses import DearKDLoss, SupervisedLoss
 from .models.student import save_student
-from .models.teacher import Teacher, TeacherSpec, create_teacher_model, load_teacher, save_teacher
+from .models.teacher import Teacher, TeacherSpec, check_teacher_arch, create_teacher_model, has_module, load_teacher, save_teacher
 
 PROG = "dearkd_fast.train"
 DESCRIPTION = __doc__.split("\n\n")[0]
-RUN_FILES = ("summary.json", "metrics.jsonl", "checkpoint.pt", "student.pt")
+RUN_FILES = ("summary.json", "metrics.jsonl", "checkpoint.pt", "student.pt", "teacher.pt")
+# flags that may differ on --resume without making the result inconsistent (--epochs may also grow)
+RESUME_FREE = frozenset({"output", "resume", "overwrite", "workers", "no_progress", "device", "compile", "backend"})
 log = tqdm.write
 
 
@@ -58,15 +60,55 @@ class Student:
 # ---------------------------------------------------------------------------------------------- steps
 
 
-def check_inputs(cfg: TrainConfig) -> None:
-    """What can be refused before any work: unknown model, occupied output, missing files, backend."""
+def check_inputs(cfg: TrainConfig) -> tuple[OutputFolder, dict | None]:
+    """Everything that can be refused before any work: unknown or unfit models, missing files, an
+    impossible backend, the output folder, and on --resume a change of flags. Returns the claimed
+    output folder and the checkpoint to resume from (None for a new run)."""
     if not timm.is_model(cfg.model):
-        raise InputError(f"unknown student model '{cfg.model}'")
-    check_output(cfg.output, RUN_FILES, cfg.run.resume, cfg.run.overwrite, "checkpoint.pt")
+        raise InputError(f"unknown student model '{cfg.model}' (see timm.list_models('dearkd_*'))")
+    if not is_student(cfg.model):
+        raise InputError(f"--model {cfg.model} is not a DearKD student (no distillation head); choose one of "
+                         + ", ".join(timm.list_models("dearkd_*")))
+    if cfg.needs_teacher and cfg.teacher_ckpt is None:
+        check_teacher_arch(cfg.teacher)
+        if cfg.teacher_taps:
+            with torch.device("meta"):  # shapes only, no memory
+                tmodel = create_teacher_model(cfg.teacher, 2)
+            missing = [t for t in cfg.teacher_taps.split(",") if not has_module(tmodel, t)]
+            if missing:
+                raise InputError(f"--teacher-taps: {cfg.teacher} has no module '{missing[0]}'")
     if cfg.teacher_ckpt is not None and not os.path.isfile(cfg.teacher_ckpt):
         raise InputError(f"--teacher-ckpt '{cfg.teacher_ckpt}' does not exist")
     if cfg.run.backend != "auto":
         ops.resolve_backend(cfg.run.backend, torch.empty(0, device=cfg.run.torch_device))  # fail now, not mid-epoch
+    out = OutputFolder.open(cfg.output, PROG, resume=cfg.run.resume, overwrite=cfg.run.overwrite,
+                            resume_file="checkpoint.pt", own_names=RUN_FILES)
+    if not cfg.run.resume:
+        return out, None
+    ck = load_checkpoint(os.path.join(out.root, "checkpoint.pt"))
+    check_resume_args(ck["args"], config.flat(cfg))
+    return out, ck
+
+
+def check_resume_args(stored: dict, now: dict) -> None:
+    """Refuse a --resume whose flags would make the result inconsistent, naming them. Free: the flags of
+    RESUME_FREE; --epochs may grow if the stage switch (given or derived) stays where it was."""
+    changed = sorted(k for k in now if k not in RESUME_FREE | {"epochs", "stage1_epochs"} and stored.get(k) != now[k])
+    if changed:
+        diffs = ", ".join(f"--{k.replace('_', '-')} {stored.get(k)!r} -> {now[k]!r}" for k in changed)
+        raise InputError(f"--resume: the run was started with other flags ({diffs}); resume with the original ones")
+    if now["epochs"] < stored["epochs"]:
+        raise InputError(f"--resume: --epochs may grow, not shrink ({stored['epochs']} -> {now['epochs']})")
+    switch = [TrainConfig(epochs=a["epochs"], stage1_epochs=a["stage1_epochs"], output="x").switch_epoch
+              for a in (stored, now)]
+    if switch[0] != switch[1]:
+        raise InputError(f"--resume: more --epochs would move the stage switch from epoch {switch[0]} to {switch[1]}; "
+                         f"pass --stage1-epochs {switch[0]} to keep it")
+
+
+def is_student(name: str) -> bool:
+    """A registered DearKD student (timm name whose entry point is in models/student.py)."""
+    return timm.is_model(name) and timm.models.model_entrypoint(name).__module__ == save_student.__module__
 
 
 def load_data(cfg: TrainConfig, device: torch.device) -> tuple[DataBundle, InputSpec]:
@@ -80,12 +122,13 @@ def load_data(cfg: TrainConfig, device: torch.device) -> tuple[DataBundle, Input
     return data, inputs
 
 
-def prepare_teacher(cfg: TrainConfig, data: DataBundle, inputs: InputSpec, device: torch.device) -> Teacher | None:
+def prepare_teacher(cfg: TrainConfig, out: OutputFolder, data: DataBundle, inputs: InputSpec,
+                    device: torch.device) -> Teacher | None:
     """Load --teacher-ckpt (or this run's teacher.pt on --resume), else train one; evaluate it; None
     when no epoch of stage 1 needs it."""
     if not cfg.needs_teacher:
         return None
-    own = os.path.join(cfg.output, "teacher.pt")
+    own = os.path.join(out.root, "teacher.pt")
     path = cfg.teacher_ckpt or (own if cfg.run.resume and os.path.isfile(own) else None)
     if path:
         model, spec = load_teacher(path, num_classes=len(data.classes), class_names=list(data.classes))
@@ -100,7 +143,7 @@ def prepare_teacher(cfg: TrainConfig, data: DataBundle, inputs: InputSpec, devic
     spec.top1 = engine.evaluate(lambda x: teacher(x)[0], data.val, device=device, amp=cfg.run.amp, desc="teacher eval",
                                 progress=cfg.run.progress)["top1"]
     if not path:
-        save_teacher(model, spec, own)
+        save_teacher(model, spec, out.path("teacher.pt"))
     log(f"teacher {spec.arch}: top-1 {spec.top1:.2f}% (taps {', '.join(teacher.taps)})")
     return teacher
 
@@ -141,31 +184,28 @@ def build_student(cfg: TrainConfig, num_classes: int, teacher: Teacher | None, s
     return Student(model, criterion, optimizer, scheduler)
 
 
-def resume(cfg: TrainConfig, s: Student) -> None:
-    """On --resume: restore the last finished epoch (weights, optimizer, schedule, records, RNG) and
-    cut metrics.jsonl back to it; otherwise start metrics.jsonl afresh."""
-    metrics = os.path.join(cfg.output, "metrics.jsonl")
-    if not cfg.run.resume:
-        if os.path.exists(metrics):
-            os.remove(metrics)
-        return
-    ck = load_checkpoint(os.path.join(cfg.output, "checkpoint.pt"))
-    try:
-        s.model.load_state_dict(ck["student"])
-        s.criterion.load_state_dict(ck["criterion"], strict=False)
-        s.optimizer.load_state_dict(ck["optimizer"])
-    except (RuntimeError, ValueError, KeyError) as e:
-        raise CheckpointError(f"--resume: checkpoint.pt in '{cfg.output}' does not fit this model "
-                              f"({type(e).__name__}); resume with the run's original flags") from None
-    s.scheduler.load_state_dict(ck["scheduler"])
-    s.records, s.start_epoch = ck["records"], ck["epoch"] + 1
-    set_rng_state(ck["rng"])
+def resume(out: OutputFolder, s: Student, ck: dict | None) -> None:
+    """Restore the last finished epoch of checkpoint `ck` (weights, optimizer, schedule, records, RNG)
+    and cut metrics.jsonl back to it; for a new run (ck None) start metrics.jsonl empty."""
+    metrics = out.path("metrics.jsonl")
+    if ck is not None:
+        try:
+            s.model.load_state_dict(ck["student"])
+            s.criterion.load_state_dict(ck["criterion"], strict=False)
+            s.optimizer.load_state_dict(ck["optimizer"])
+            s.scheduler.load_state_dict(ck["scheduler"])
+            set_rng_state(ck["rng"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"--resume: checkpoint.pt in '{out.root}' does not fit this model "
+                                  f"({type(e).__name__}); resume with the run's original flags") from None
+        s.records, s.start_epoch = ck["records"], ck["epoch"] + 1
+        log(f"resumed from epoch {s.start_epoch}")
     with open(metrics, "w") as f:  # drop lines of epochs after the checkpoint
         f.writelines(json.dumps(r) + "\n" for r in s.records)
-    log(f"resumed from epoch {s.start_epoch}")
 
 
-def fit(cfg: TrainConfig, s: Student, data: DataBundle, teacher: Teacher | None, device: torch.device) -> None:
+def fit(cfg: TrainConfig, out: OutputFolder, s: Student, data: DataBundle, teacher: Teacher | None,
+        device: torch.device) -> None:
     """Stage 1 for epochs < E1, stage 2 after; one record per epoch, appended to metrics.jsonl, and a
     checkpoint at every epoch end."""
     net = torch.compile(s.model) if cfg.run.compile else s.model
@@ -185,20 +225,20 @@ def fit(cfg: TrainConfig, s: Student, data: DataBundle, teacher: Teacher | None,
                "images_per_s": round(data.num_train / max(train_time, 1e-9), 1),
                "teacher_calls": (teacher.calls - calls0) if teacher is not None else 0}
         s.records.append(rec)
-        with open(os.path.join(cfg.output, "metrics.jsonl"), "a") as f:
+        with open(out.path("metrics.jsonl"), "a") as f:
             f.write(json.dumps(rec) + "\n")
         terms = "  ".join(f"{k} {v:.4f}" for k, v in train.items() if k != "lr")
         log(f"epoch {epoch + 1}/{cfg.epochs} stage {stage}  {terms}  val top-1 {val['top1']:.2f}%  ({train_time:.1f}s)")
         atomic_save({"epoch": epoch, "student": s.model.state_dict(), "criterion": s.criterion.state_dict(),
                      "optimizer": s.optimizer.state_dict(), "scheduler": s.scheduler.state_dict(), "records": s.records,
                      "rng": rng_state(), "args": config.flat(cfg), "classes": data.classes},
-                    os.path.join(cfg.output, "checkpoint.pt"))
+                    out.path("checkpoint.pt"))
 
 
-def finalise(cfg: TrainConfig, s: Student, data: DataBundle, inputs: InputSpec, teacher: Teacher | None,
-             device: torch.device, t_start: float) -> dict:
+def finalise(cfg: TrainConfig, out: OutputFolder, s: Student, data: DataBundle, inputs: InputSpec,
+             teacher: Teacher | None, device: torch.device, t_start: float) -> dict:
     """Write student.pt and summary.json, print the results table."""
-    save_student(s.model, cfg.model, data.classes, inputs, os.path.join(cfg.output, "student.pt"))
+    save_student(s.model, cfg.model, data.classes, inputs, out.path("student.pt"))
     records = s.records
     stage1 = [r for r in records if r["stage"] == 1]
     summary = {
@@ -213,8 +253,8 @@ def finalise(cfg: TrainConfig, s: Student, data: DataBundle, inputs: InputSpec, 
         "num_classes": len(data.classes),
         "num_train_samples": data.num_train,
         "num_val_samples": records[-1]["num_val_samples"],
-        "skipped_files": len(data.skipped),
-        "skipped_paths": data.skipped[:100],
+        "skipped_files": len(data.all_skipped()),
+        "skipped_paths": data.all_skipped()[:100],
         "empty_classes": data.empty_classes,
         "stage_switch_epoch": cfg.switch_epoch,
         "epochs": records,
@@ -222,23 +262,22 @@ def finalise(cfg: TrainConfig, s: Student, data: DataBundle, inputs: InputSpec, 
         "elapsed_s": round(time.time() - t_start, 1),
         "args": config.flat(cfg),
     }
-    atomic_write_json(summary, os.path.join(cfg.output, "summary.json"))
+    atomic_write_json(summary, out.path("summary.json"))
     print_table(summary)
     return summary
 
 
 def run(cfg: TrainConfig) -> dict:
     t_start = time.time()
-    check_inputs(cfg)
+    out, ck = check_inputs(cfg)
     device = cfg.run.torch_device
-    os.makedirs(cfg.output, exist_ok=True)
     seed_everything(cfg.run.seed)
     data, inputs = load_data(cfg, device)
-    teacher = prepare_teacher(cfg, data, inputs, device)
+    teacher = prepare_teacher(cfg, out, data, inputs, device)
     student = build_student(cfg, len(data.classes), teacher, len(data.train), device)
-    resume(cfg, student)
-    fit(cfg, student, data, teacher, device)
-    return finalise(cfg, student, data, inputs, teacher, device, t_start)
+    resume(out, student, ck)
+    fit(cfg, out, student, data, teacher, device)
+    return finalise(cfg, out, student, data, inputs, teacher, device, t_start)
 
 
 # ---------------------------------------------------------------------------------------------- pieces

@@ -117,7 +117,7 @@ def test_inversion_hits_targets_and_writes_imagefolder(tmp_path, digits_teacher)
     assert meta["teacher_accuracy"] >= 90.0 and meta["num_images"] == 40
     for key in ("settings", "seed", "bn_loss_final", "intra_class_distance", "final_terms"):
         assert key in meta
-    assert sorted(os.listdir(out)) == sorted([str(c) for c in range(10)] + ["meta.json", "progress.json"])
+    assert sorted(os.listdir(out)) == sorted([str(c) for c in range(10)] + ["meta.json", "progress.json", "run.json"])
     for c in range(10):
         files = sorted(os.listdir(out / str(c)))
         assert files == [f"{i:05d}.png" for i in range(4)]

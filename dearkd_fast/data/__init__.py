@@ -55,20 +55,30 @@ class DataBundle:
     def num_val(self) -> int:
         return len(self.val_files)
 
+    def all_skipped(self) -> list[str]:
+        """Files passed over by the scans (a file in both --data and --val-data counts twice), plus those
+        that could not be read during the run."""
+        during = set(getattr(self.train, "missing", ())) | set(getattr(self.val, "missing", ()))
+        return list(self.skipped) + sorted(during - set(self.skipped))
+
 
 class DeviceLoader:
-    """Wraps a CPU loader: moves each (images, labels) batch to the device."""
+    """Wraps a CPU loader of (images, labels, unreadable paths) batches: moves images and labels to the
+    device and collects in `missing` the files that vanished or broke after the scan (skipped)."""
 
     def __init__(self, loader, device: torch.device):
         self.loader, self.device = loader, device
+        self.missing: set[str] = set()
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def __iter__(self):
         nb = self.device.type == "cuda"
-        for x, y in self.loader:
-            yield x.to(self.device, non_blocking=nb), y.to(self.device, non_blocking=nb)
+        for x, y, missing in self.loader:
+            self.missing.update(missing)
+            if x is not None:
+                yield x.to(self.device, non_blocking=nb), y.to(self.device, non_blocking=nb)
 
     def set_epoch(self, epoch: int) -> None:
         sampler = getattr(self.loader, "sampler", None)
@@ -93,10 +103,35 @@ def _file_lists(cfg: DataConfig, seed: int, progress: bool):
     return source, balanced_subset(train, cfg.fraction, seed), val, scan, skipped
 
 
+def _utf8(path: str) -> bool:
+    try:
+        path.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _check_sizes(source, train: list, val: list, batch_size: int) -> None:
+    """DataError for a split that cannot train or evaluate: no validation image, fewer training images
+    than one batch."""
+    if not val:
+        raise DataError(f"no validation images for '{source.train_dir}': give --val-data, or at least 2 images "
+                        "per class to hold some out")
+    if len(train) < batch_size:
+        raise DataError(f"only {len(train)} training images (after --data-fraction and the hold-out), fewer than "
+                        f"--batch-size {batch_size}; lower --batch-size")
+
+
 def build_data(cfg: DataConfig, inputs: InputSpec, *, batch_size: int, seed: int = 0, device: str | torch.device = "cpu",
                amp: bool = False, progress: bool = True, rank: int = 0, world_size: int = 1) -> DataBundle:
     """Scan, validate, subset, and build both loaders (cfg.loader) for a network expecting `inputs`."""
     source, train_samples, val_samples, scan, skipped = _file_lists(cfg, seed, progress)
+    if cfg.loader == "dali":  # DALI's reader takes UTF-8 names only: others are skipped and counted
+        bad = [p for p, _ in train_samples + val_samples if not _utf8(p)]
+        train_samples = [s for s in train_samples if _utf8(s[0])]
+        val_samples = [s for s in val_samples if _utf8(s[0])]
+        skipped = sorted(skipped + bad)
+    _check_sizes(source, train_samples, val_samples, batch_size)
     hflip = cfg.hflip if cfg.hflip is not None else source.hflip
     pad_crop = cfg.pad_crop if cfg.pad_crop is not None else preset_for(inputs.size).pad_crop
     device = torch.device(device)

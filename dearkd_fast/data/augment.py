@@ -45,3 +45,9 @@ class RandAugmentSpec:
             else:
                 raise DataError(f"--randaug '{text}': cannot read '{part}'")
         return cls(text, **values, extra=tuple(extra))
+
+    def check_dali(self) -> None:
+        """DataError unless DALI's RandAugment can honour the string as timm reads it (m, n, mmax only)."""
+        if self.mstd or self.extra:
+            raise DataError(f"--randaug '{self.text}' under --dali: DALI's RandAugment takes only m, n and mmax "
+                            "(no magnitude noise mstd or other timm keys); use e.g. rand-m9-n2, or the torch loader")

@@ -23,12 +23,9 @@ __all__ = ["build_dali_loader", "DaliLoader"]
 
 
 def _randaug(spec: str) -> RandAugmentSpec:
-    """The RandAugment string as DALI can honour it: m of mmax and n; anything else is refused rather than
-    silently dropped, so --randaug means the same on both backends."""
+    """The RandAugment string as DALI can honour it (refused rather than silently changed)."""
     ra = RandAugmentSpec.parse(spec)
-    if ra.mstd or ra.extra:
-        raise DataError(f"--randaug '{spec}' under --dali: DALI's RandAugment takes only m, n and mmax "
-                        "(no magnitude noise mstd or other timm keys); use e.g. rand-m9-n2, or the torch loader")
+    ra.check_dali()
     return ra
 
 

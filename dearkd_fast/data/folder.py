@@ -11,16 +11,18 @@ import json
 import os
 import random
 import shutil
+import stat
 import tarfile
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
 from ..checkpoint import atomic_write_json
-from ..errors import DataError
+from ..errors import DataError, InputError
 
 __all__ = [
     "DataError",
@@ -32,6 +34,8 @@ __all__ = [
     "balanced_subset",
     "holdout_split",
     "builtin_digits",
+    "check_folder_names",
+    "load_rgb",
     "builtin_cifar10",
     "resolve_data",
     "BUILTIN_SETS",
@@ -59,13 +63,38 @@ def cache_root() -> str:
     return os.path.join(base, "dearkd_fast")
 
 
+def load_rgb(path: str) -> Image.Image:
+    """Decode an image file fully to 8-bit RGB, as DALI's decoder does: 16-bit images are scaled
+    (round(v / 257)) instead of clipped to white, palette and grey images expanded, alpha dropped."""
+    with Image.open(path) as im:
+        if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+            arr = np.asarray(im, dtype=np.float64)
+            im8 = Image.fromarray(np.clip(np.round(arr / 257.0), 0, 255).astype(np.uint8), mode="L")
+            return im8.convert("RGB")
+        return im.convert("RGB")
+
+
 def _decodes(path: str) -> bool:
     try:
-        with Image.open(path) as im:
-            im.convert("RGB").load()
+        load_rgb(path).load()
         return True
     except Exception:  # noqa: BLE001 - any failure to decode means skip
         return False
+
+
+def check_folder_names(names: list[str], what: str) -> None:
+    """InputError unless every name can be a folder directly inside another: not empty, no separator,
+    not '.' or '..', no NUL, no duplicates."""
+    seen = set()
+    for name in names:
+        bad = (not name or name in (".", "..") or "/" in name or os.sep in name or (os.altsep or "/") in name
+               or "\0" in name or name != name.strip())
+        if bad:
+            raise InputError(f"{what}: '{name}' cannot be a folder name (empty, '.', '..', a path separator or "
+                             "surrounding spaces)")
+        if name in seen:
+            raise InputError(f"{what}: '{name}' appears twice")
+        seen.add(name)
 
 
 def _manifest_path(root: str) -> str:
@@ -82,10 +111,10 @@ def scan_image_folder(
     `classes` fixes the class list and order (a validation folder must use the training classes).
     """
     classes = _class_names(root, classes)
-    files = _list_images(root, classes)
+    files, passed = _list_images(root, classes)
     ok = _decodable([p for p, _ in files], _manifest_path(root), workers, progress, os.path.basename(os.path.abspath(root)))
     samples = [(p, c) for p, c in files if ok[p]]
-    skipped = [p for p, _ in files if not ok[p]]
+    skipped = sorted(passed + [p for p, _ in files if not ok[p]])
     if not samples:
         raise DataError(f"data folder '{root}' holds no decodable images")
     present = {c for _, c in samples}
@@ -114,16 +143,53 @@ def _class_names(root: str, classes: list[str] | None) -> list[str]:
     return list(classes)
 
 
-def _list_images(root: str, classes: list[str]) -> list[tuple[str, int]]:
-    """(path, class index) of every file with an image extension under root/<class>/, sorted."""
+def _list_images(root: str, classes: list[str]) -> tuple[list[tuple[str, int]], list[str]]:
+    """(path, class index) of every image file under root/<class>/, each real file once, sorted; and the
+    paths passed over. A link is followed only where it stays inside its own class folder (so no image
+    is relabelled and nothing outside the root is read); each folder is entered once (a link loop
+    ends); dangling links and anything that is not a regular file (a FIFO named x.jpg) are passed over."""
+    seen_dirs: set[str] = set()
+    seen_files: set[str] = set()
     files: list[tuple[str, int]] = []
+    passed: list[str] = []
+
+    def visit(folder: str, idx: int, home: str) -> None:
+        real = os.path.realpath(folder)
+        if real in seen_dirs or not _inside(real, home):
+            passed.append(folder)
+            return
+        seen_dirs.add(real)
+        for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+            if entry.is_dir(follow_symlinks=True):
+                visit(entry.path, idx, home)
+            elif entry.name.lower().endswith(IMG_EXTENSIONS):
+                target = os.path.realpath(entry.path)
+                if not _regular(entry.path) or not _inside(target, home) or target in seen_files:
+                    passed.append(entry.path)
+                    continue
+                seen_files.add(target)
+                files.append((entry.path, idx))
+
+    real_root = os.path.realpath(root)
     for idx, name in enumerate(classes):
         cdir = os.path.join(root, name)
-        if not os.path.isdir(cdir):
-            continue
-        for dirpath, _, names in sorted(os.walk(cdir, followlinks=True)):
-            files.extend((os.path.join(dirpath, n), idx) for n in sorted(names) if n.lower().endswith(IMG_EXTENSIONS))
-    return sorted(files)
+        home = os.path.realpath(cdir)
+        if os.path.isdir(cdir) and _inside(home, real_root) and home != real_root:
+            visit(cdir, idx, home)
+        elif os.path.lexists(cdir):
+            passed.append(cdir)
+    return sorted(files), sorted(passed)
+
+
+def _inside(path: str, folder: str) -> bool:
+    return os.path.commonpath([folder, path]) == folder
+
+
+def _regular(path: str) -> bool:
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:  # a dangling link
+        return False
 
 
 def _decodable(paths: list[str], manifest_path: str, workers: int, progress: bool, label: str) -> dict[str, bool]:
@@ -181,10 +247,19 @@ def _complete(folder: str) -> bool:
 
 
 def _publish(tmp: str, final: str) -> None:
-    """Mark a freshly built cache folder complete and move it into place (a concurrent build may win)."""
+    """Mark a freshly built cache folder complete and rename it into place. A concurrent build that
+    finished first wins (its folder is never touched: another run may be reading it); an incomplete
+    folder from a killed older build is renamed aside before it is deleted."""
     open(os.path.join(tmp, ".complete"), "w").close()
+    if os.path.isdir(final) and not _complete(final):
+        aside = tempfile.mkdtemp(prefix=".stale-", dir=os.path.dirname(final))
+        try:
+            os.replace(final, os.path.join(aside, "old"))
+        except OSError:
+            pass  # someone else moved it
+        shutil.rmtree(aside, ignore_errors=True)
     try:
-        os.replace(tmp, final)
+        os.rename(tmp, final)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
         if not _complete(final):
@@ -215,8 +290,6 @@ def builtin_digits() -> tuple[str, str]:
                 arr = (d.images[i] * (255.0 / 16.0)).clip(0, 255).astype("uint8")
                 img = Image.fromarray(arr, mode="L").resize((32, 32), Image.BILINEAR).convert("RGB")
                 img.save(os.path.join(cdir, f"{i:04d}.jpg"), quality=95)
-        if os.path.isdir(final):  # an incomplete earlier attempt
-            shutil.rmtree(final, ignore_errors=True)
         _publish(tmp, final)
     return os.path.join(final, "train"), os.path.join(final, "val")
 
@@ -233,8 +306,6 @@ def builtin_cifar10(tar_dir: str) -> tuple[str, str]:
         tmp = tempfile.mkdtemp(prefix=".cifar10-", dir=cache_root())
         for split, path in tars.items():
             _extract(path, tmp, f"cifar10/{split}")
-        if os.path.isdir(final):
-            shutil.rmtree(final, ignore_errors=True)
         _publish(tmp, final)
     return os.path.join(final, "train"), os.path.join(final, "test")
 

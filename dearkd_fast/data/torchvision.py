@@ -5,11 +5,11 @@ import math
 from typing import TYPE_CHECKING
 
 import torch
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from torchvision import transforms as T
 
 from .augment import RandAugmentSpec, pad_size
+from .folder import load_rgb
 
 if TYPE_CHECKING:
     from . import InputSpec
@@ -18,7 +18,8 @@ __all__ = ["ImageListDataset", "train_transform", "eval_transform", "build_torch
 
 
 class ImageListDataset(Dataset):
-    """(path, label) samples decoded with PIL as RGB."""
+    """(path, label) samples decoded to 8-bit RGB (load_rgb). A file that can no longer be read (deleted
+    or changed since the scan) gives (None, path) instead of an image: collate_present drops it."""
 
     def __init__(self, samples: list[tuple[str, int]], transform=None):
         self.samples = samples
@@ -29,16 +30,31 @@ class ImageListDataset(Dataset):
 
     def __getitem__(self, i: int):
         path, label = self.samples[i]
-        with Image.open(path) as im:
-            img = im.convert("RGB")
+        try:
+            img = load_rgb(path)
+        except OSError:  # vanished, truncated or replaced since the scan: skipped and counted
+            return None, path
         return (self.transform(img) if self.transform else img), label
 
 
+def collate_present(batch: list) -> tuple:
+    """(images, labels, paths that could not be read) of the readable samples; (None, None, paths) if none."""
+    kept = [b for b in batch if b[0] is not None]
+    missing = [b[1] for b in batch if b[0] is None]
+    if not kept:
+        return None, None, missing
+    x, y = default_collate(kept)
+    return x, y, missing
+
+
 def train_transform(inputs: InputSpec, *, pad_crop: bool, hflip: float, randaug: str | None = None):
-    """Random-resized-crop (or pad-and-crop for small inputs), flip, optional RandAugment, normalise."""
+    """Random-resized-crop (or, for small inputs, resize to size x size then pad-and-crop, as DALI does),
+    flip, optional RandAugment, normalise."""
     size = inputs.size
-    ops = [T.RandomCrop(size, padding=pad_size(size)) if pad_crop
-           else T.RandomResizedCrop(size, interpolation=T.InterpolationMode.BICUBIC)]
+    if pad_crop:
+        ops = [T.Resize((size, size), interpolation=T.InterpolationMode.BILINEAR), T.RandomCrop(size, padding=pad_size(size))]
+    else:
+        ops = [T.RandomResizedCrop(size, interpolation=T.InterpolationMode.BICUBIC)]
     if hflip > 0:
         ops.append(T.RandomHorizontalFlip(hflip))
     if randaug:
@@ -78,7 +94,8 @@ class ShardSampler(Sampler[int]):
 
 def build_torch_loader(samples, transform, *, batch_size: int, train: bool, workers: int, seed: int,
                        rank: int = 0, world_size: int = 1, pin_memory: bool = False) -> DataLoader:
-    """Train: shuffled (seeded), drop_last; eval: every sample of this shard exactly once, in order."""
+    """Train: shuffled (seeded), drop_last; eval: every sample of this shard exactly once, in order.
+    Batches are (images, labels, unreadable paths) (collate_present)."""
     ds = ImageListDataset(samples, transform)
     g = torch.Generator().manual_seed(seed)
     if train:
@@ -86,6 +103,7 @@ def build_torch_loader(samples, transform, *, batch_size: int, train: bool, work
         if world_size > 1:
             sampler = torch.utils.data.DistributedSampler(ds, world_size, rank, shuffle=True, seed=seed, drop_last=True)
         return DataLoader(ds, batch_size=batch_size, shuffle=sampler is None, sampler=sampler, drop_last=len(ds) >= batch_size,
-                          num_workers=workers, pin_memory=pin_memory, generator=g, persistent_workers=workers > 0)
+                          num_workers=workers, pin_memory=pin_memory, generator=g, persistent_workers=workers > 0,
+                          collate_fn=collate_present)
     return DataLoader(ds, batch_size=batch_size, sampler=ShardSampler(len(ds), rank, world_size), drop_last=False,
-                      num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0)
+                      num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0, collate_fn=collate_present)

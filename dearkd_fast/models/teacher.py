@@ -24,6 +24,8 @@ __all__ = [
     "Teacher",
     "TeacherSpec",
     "freeze",
+    "check_teacher_arch",
+    "has_module",
     "create_teacher_model",
     "default_taps",
     "save_teacher",
@@ -122,17 +124,24 @@ def cifar_resnet56(pretrained: bool = False, **kwargs) -> CifarResNet:
     return _cifar(9, (16, 32, 64), pretrained, kwargs)
 
 
-def create_teacher_model(arch: str, num_classes: int) -> nn.Module:
-    """A randomly initialised classifier: timm name, or `tv:<name>` for torchvision."""
+def check_teacher_arch(arch: str) -> None:
+    """InputError unless `arch` names a timm model or a torchvision classifier (`tv:<name>`)."""
     if arch.startswith("tv:"):
         import torchvision
 
-        try:
-            return torchvision.models.get_model(arch[3:], weights=None, num_classes=num_classes)
-        except ValueError as e:
-            raise CheckpointError(f"unknown torchvision teacher '{arch[3:]}'") from e
-    if not timm.is_model(arch):
-        raise CheckpointError(f"unknown teacher architecture '{arch}' (not a timm model name)")
+        if arch[3:] not in torchvision.models.list_models(module=torchvision.models):
+            raise InputError(f"unknown torchvision teacher '{arch[3:]}' (see torchvision.models.list_models())")
+    elif not timm.is_model(arch):
+        raise InputError(f"unknown teacher architecture '{arch}' (not a timm model name; tv:<name> for torchvision)")
+
+
+def create_teacher_model(arch: str, num_classes: int) -> nn.Module:
+    """A randomly initialised classifier: timm name, or `tv:<name>` for torchvision."""
+    check_teacher_arch(arch)
+    if arch.startswith("tv:"):
+        import torchvision
+
+        return torchvision.models.get_model(arch[3:], weights=None, num_classes=num_classes)
     return timm.create_model(arch, pretrained=False, num_classes=num_classes)
 
 
@@ -144,7 +153,7 @@ def default_taps(model: nn.Module, count: int = 2) -> list[str]:
         names = [e["module"] for e in entries if e.get("module") and not e["module"].startswith(("act", "bn", "conv", "stem"))]
         if len(names) >= count:
             return names[:count]
-    names = [n for n in ("layer1", "layer2", "s1", "s2", "stages.0", "stages.1") if _has_module(model, n)]
+    names = [n for n in ("layer1", "layer2", "s1", "s2", "stages.0", "stages.1") if has_module(model, n)]
     if len(names) < count:
         raise CheckpointError(
             f"cannot find {count} early stages in {type(model).__name__}; name them with --teacher-taps"
@@ -152,7 +161,8 @@ def default_taps(model: nn.Module, count: int = 2) -> list[str]:
     return names[:count]
 
 
-def _has_module(model: nn.Module, name: str) -> bool:
+def has_module(model: nn.Module, name: str) -> bool:
+    """Whether model has a submodule called `name` (dotted path)."""
     try:
         model.get_submodule(name)
         return True
