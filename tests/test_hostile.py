@@ -340,3 +340,15 @@ def test_outputs_respect_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert (os.stat(tmp_path / "x.json").st_mode & 0o777) == 0o640
+
+
+def test_non_utf8_names_train_on_torch_and_are_counted_under_dali(tmp_path):
+    root = write_image_folder(tmp_path / "d", {"a": 4, "b": 4})
+    odd = os.path.join(root, "a", os.fsdecode(b"\xff\xfe.jpg"))
+    with open(odd, "wb") as f:
+        f.write(open(os.path.join(root, "a", "000.jpg"), "rb").read())
+    torch_data = folder_data(root, "torch", val_source=root, batch_size=2)
+    dali_data = folder_data(root, "dali", val_source=root, batch_size=2)
+    assert torch_data.num_train == 9 and odd not in torch_data.all_skipped()
+    assert dali_data.num_train == 8 and odd in dali_data.all_skipped()
+    assert sum(len(y) for _, y in dali_data.val) == 8
