@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from dearkd_fast import ops, reference
-from dearkd_fast.config import PRESETS
+from dearkd_fast.config import IMAGENET_MEAN, IMAGENET_STD, PRESETS
 from dearkd_fast.data.folder import cache_root
 from dearkd_fast.testing import folder_data
 from dearkd_fast.testing import public_bn_loss as deepinversion_bn_loss
@@ -214,3 +214,66 @@ def inversion_case(variant: str, arch: str, batch: int, res: int, num_classes: i
 
 
 INVERT_VARIANTS = ["public", "fast", "fast-compiled"]
+
+
+# ---- training step (stage 1 and stage 2), in-memory synthetic batches
+STEP_CFG = dict(student="dearkd_small_patch16_224", teacher="resnet50", res=224, batch=256, num_classes=1000) if GPU \
+    else dict(student="dearkd_tiny_patch4_32", teacher="cifar_resnet20", res=32, batch=64, num_classes=10)
+STEP_VARIANTS = ["plain", "stock-fast", "ours"]
+BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense bf16 tensor-core peak (SXM), for model FLOP utilisation
+
+
+def train_step_case(variant: str, stage: int, student: str, teacher: str, res: int, batch: int, num_classes: int):
+    """(step closure, FLOPs per step) of one training step of the DearKD trainer.
+
+    "plain": fp32 eager, reference MHCA (full attention matrix), backend "torch", for-loop AdamW;
+    "stock-fast": plus bf16 autocast and torch.compile of the step's forward + loss (PyTorch alone);
+    "ours": bf16, the whole step compiled, fused MHCA (SDPA), backend "auto" (Triton on CUDA), fused
+    (CUDA) / foreach (CPU) AdamW, channels_last teacher on CUDA. Stage 2 never runs the teacher.
+    """
+    import timm
+
+    from dearkd_fast import engine
+    from dearkd_fast.losses import DearKDLoss
+    from dearkd_fast.models.teacher import Teacher, TeacherSpec, create_teacher_model
+
+    torch.manual_seed(0)
+    dev = torch.device(DEV)
+    model = timm.create_model(student, num_classes=num_classes).to(dev)
+    model.set_tap_blocks(range(model.num_mhca))
+    for m in model.modules():
+        if hasattr(m, "fused"):
+            m.fused = variant == "ours"
+    tmodel = create_teacher_model(teacher, num_classes).to(dev)
+    if GPU and variant == "ours":
+        tmodel = tmodel.to(memory_format=torch.channels_last)
+    spec = TeacherSpec(teacher, num_classes, [str(i) for i in range(num_classes)], res, IMAGENET_MEAN, IMAGENET_STD)
+    t = Teacher(tmodel, spec)
+    crit = DearKDLoss(torch.nn.CrossEntropyLoss(), t, embed_dim=model.embed_dim, grid_size=model.grid_size,
+                      num_align=model.num_mhca, backend="auto" if variant == "ours" else "torch").to(dev)
+    crit.set_stage(stage)
+    params = [{"params": list(model.parameters()) + list(crit.parameters())}]
+    opt = engine.make_optimizer(params, 1e-4, dev) if variant == "ours" else \
+        torch.optim.AdamW(params, lr=1e-4, foreach=False, fused=False)
+    step = engine.TrainStep(model, crit, opt, engine.cosine_schedule(opt, 0, 10**6), device=dev,
+                            amp=variant != "plain", compile=variant != "plain")
+    g = torch.Generator(device=DEV).manual_seed(0)
+    x = torch.randn(batch, 3, res, res, device=DEV, generator=g)
+    y = torch.randint(0, num_classes, (batch,), device=DEV, generator=g)
+    model.train()
+    return (lambda: step(x, y)), step_flops(model, t if stage == 1 else None, x)
+
+
+def step_flops(model, teacher, x) -> float:
+    """FLOPs of one step counted by torch's FlopCounterMode on a 2-image batch, scaled to the batch:
+    student forward + backward, plus the teacher forward in stage 1 (eager fp32 count)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    xs = x[:2].float()
+    with FlopCounterMode(display=False) as fc:
+        out = model(xs)
+        sum(o.float().sum() for o in out[:2]).backward()
+        if teacher is not None:
+            teacher(xs)
+    model.zero_grad(set_to_none=True)
+    return fc.get_total_flops() * x.shape[0] / 2

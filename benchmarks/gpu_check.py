@@ -21,6 +21,8 @@ from cases import (  # noqa: E402
     INVERT_VARIANTS,
     RESNET50_BATCH,
     RESNET50_SIZE,
+    STEP_CFG,
+    STEP_VARIANTS,
     THREADS,
     align_case,
     bn_case,
@@ -28,6 +30,7 @@ from cases import (  # noqa: E402
     imagenet_sized_folder,
     inversion_case,
     resnet50_bn_shapes,
+    train_step_case,
 )
 
 from dearkd_fast import ops, reference  # noqa: E402
@@ -109,6 +112,35 @@ def inversion_rows() -> list[str]:
     return rows
 
 
+def train_step_rows(t_start: float, budget_s: float = 420.0) -> list[str]:
+    """The training step of record, plain / stock fast / ours, stages 1 and 2: images/s, x plain, x stock,
+    peak memory and model FLOP utilisation (dense bf16 peak 989 TFLOP/s on H100/H200 SXM). Rows past the
+    time budget are skipped (the whole check must stay under 8 minutes)."""
+    c = STEP_CFG
+    rows = [f"## training step ({c['student']} + {c['teacher']}, {c['res']} px, batch {c['batch']}, synthetic batches)", "",
+            "| stage | variant | median ms | images/s | x plain | x stock-fast | peak MiB | MFU % |",
+            "|---|---|---|---|---|---|---|---|"]
+    for stage in (1, 2):
+        times = {}
+        for v in STEP_VARIANTS:
+            if time.time() - t_start > budget_s:
+                rows.append(f"| {stage} | {v} | skipped: time budget | | | | | |")
+                continue
+            try:
+                run, flops = train_step_case(v, stage, **c)
+                for _ in range(3):
+                    run()
+                times[v] = (ms(run), peak_mib(run), flops)
+            except Exception as e:  # noqa: BLE001
+                rows.append(f"| {stage} | {v} | failed: {type(e).__name__}: {str(e)[:80]} | | | | | |")
+            torch.cuda.empty_cache()
+        for v, (t, peak, flops) in times.items():
+            sp = lambda k, t=t, times=times: f"{times[k][0] / t:.2f}" if k in times else "-"  # noqa: E731
+            rows.append(f"| {stage} | {v} | {t:.1f} | {c['batch'] / t * 1e3:.0f} | {sp('plain')} | {sp('stock-fast')} | "
+                        f"{peak:.0f} | {100 * flops / (t * 1e-3) / 989e12:.1f} |")
+    return rows
+
+
 def loader_rows() -> list[str]:
     """Images/s of the torchvision DataLoader vs DALI (GPU "mixed" decode), same CPU threads, 224 px."""
     try:
@@ -173,6 +205,7 @@ def main() -> int:
             rows.append(f"| {title} | {v} | {t:.3f} | {gbs:.0f} | {100 * gbs / bw:.0f}% | {sp('eager')} | "
                         f"{sp('compiled')} | {sp('deepinversion')} | {peak:.0f} |")
     text = "\n".join(header + ["## timings (triton.testing.do_bench median)", ""] + rows + [""] + inversion_rows() + [""] +
+                     train_step_rows(t0) + [""] +
                      loader_rows() +
                      ["", f"total {time.time() - t0:.0f} s"]) + "\n"
     os.makedirs(out, exist_ok=True)

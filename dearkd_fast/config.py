@@ -147,13 +147,19 @@ class RunConfig:
     overwrite: bool = flag(False, "replace a finished run in --output", group="run")
     seed: int = flag(0, "seed of everything random (data subset and order, initialisation, augmentation, noise)", group="run")
     device: str = flag("auto", "auto, cpu, cuda, cuda:N", group="run")
-    amp: bool = flag(False, "bf16 autocast", group="run")
-    compile: bool = flag(False, "torch.compile the network that runs every step (train: student; invert: teacher)", group="run")
+    amp: bool = flag(False, "autocast (bf16 unless --amp-dtype)", group="run")
+    amp_dtype: str = flag("bfloat16", "autocast dtype; float16 adds a gradient scaler (train only)", group="run",
+                          choices=("bfloat16", "float16"))
+    compile: bool = flag(False, "torch.compile what runs every step (train: student + DearKD loss + teacher as one "
+                         "graph; invert: teacher)", group="run")
+    compile_mode: str = flag("default", "torch.compile mode", group="run",
+                             choices=("default", "reduce-overhead", "max-autotune"))
     backend: str = flag("auto", "loss kernels (dearkd_fast.ops)", group="run", choices=BACKENDS)
     no_progress: bool = flag(False, "no progress bars", group="run")
 
     def __post_init__(self):
         _check(not (self.resume and self.overwrite), "--resume and --overwrite exclude each other")
+        _check(self.amp_dtype in ("bfloat16", "float16"), f"--amp-dtype must be bfloat16 or float16, got {self.amp_dtype}")
         _check(self.seed >= 0, f"--seed must be >= 0, got {self.seed}")
         resolve_device(self.device)
 
@@ -164,6 +170,10 @@ class RunConfig:
     @property
     def progress(self) -> bool:
         return not self.no_progress
+
+    @property
+    def autocast_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.amp_dtype == "bfloat16" else torch.float16
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -351,6 +361,8 @@ class InvertConfig:
         _check(self.batch_size >= 2, f"--batch-size must be >= 2, got {self.batch_size}")
         _check(not (self.adi > 0 and not self.student_ckpt), "--adi needs --student-ckpt")
         _check(bool(self.output), "--output must not be empty")
+        _check(self.run.amp_dtype == "bfloat16", "invert: --amp-dtype float16 is not supported (images are optimised "
+               "without a gradient scaler); use bfloat16")
         _check(self.num_classes is None or self.num_classes >= 1, f"--num-classes must be >= 1, got {self.num_classes}")
         _check(self.iterations is None or self.iterations >= 1, f"--iterations must be >= 1, got {self.iterations}")
         low = 16 if self.multi_resolution else 8  # the half-resolution phase needs 8 px

@@ -69,9 +69,22 @@ def resolve_backend(backend: str, x: Tensor) -> str:
     return backend
 
 
+def _autocast_operands(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+    """Under autocast, the projection operands in the autocast dtype (as autocast would feed a matmul),
+    cast here at the op boundary so every backend sees what training produces; the teacher map is left
+    as the teacher produced it. Accumulation stays fp32 in every backend. Casting is differentiable."""
+    device = next(t for t in tensors if t is not None).device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
+
+
 def feature_align_loss(tokens: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, *, backend: str = "auto") -> Tensor:
-    """mean over (B, N, C) of (tokens @ weight^T + bias - target_hw)^2; fp32 scalar. See reference.py."""
+    """mean over (B, N, C) of (tokens @ weight^T + bias - target_hw)^2; fp32 scalar. See reference.py.
+    Under autocast, tokens, weight and bias are cast to the autocast dtype first (target as given)."""
     reference.check_align_shapes(tokens, weight, bias, target)
+    tokens, weight, bias = _autocast_operands(tokens, weight, bias)
     chosen = resolve_backend(backend, tokens)
     if chosen == "triton":
         from .kernels import feature_align

@@ -36,7 +36,8 @@ PROG = "dearkd_fast.train"
 DESCRIPTION = __doc__.split("\n\n")[0]
 RUN_FILES = ("summary.json", "metrics.jsonl", "checkpoint.pt", "student.pt", "teacher.pt")
 # flags that may differ on --resume without making the result inconsistent (--epochs may also grow)
-RESUME_FREE = frozenset({"output", "resume", "overwrite", "workers", "no_progress", "device", "compile", "backend"})
+RESUME_FREE = frozenset({"output", "resume", "overwrite", "workers", "no_progress", "device", "compile", "compile_mode",
+                         "backend"})
 log = tqdm.write
 
 
@@ -47,12 +48,13 @@ def build_parser():
 @dataclass
 class Student:
     """The trainable side of a run: the student, its criterion (holding the alignment projections),
-    the optimizer and schedule over both, and the epoch records so far."""
+    the optimizer and schedule over both, the step that drives them, and the epoch records so far."""
 
     model: nn.Module
     criterion: DearKDLoss
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
+    step: engine.TrainStep
     records: list[dict] = field(default_factory=list)
     start_epoch: int = 0
 
@@ -140,8 +142,8 @@ def prepare_teacher(cfg: TrainConfig, out: OutputFolder, data: DataBundle, input
         model = model.to(memory_format=torch.channels_last)
     taps = cfg.teacher_taps.split(",") if cfg.teacher_taps else None
     teacher = Teacher(model, spec, taps, input_norm=(inputs.mean, inputs.std))
-    spec.top1 = engine.evaluate(lambda x: teacher(x)[0], data.val, device=device, amp=cfg.run.amp, desc="teacher eval",
-                                progress=cfg.run.progress)["top1"]
+    spec.top1 = engine.evaluate(lambda x: teacher(x)[0], data.val, device=device, amp=cfg.run.amp,
+                                amp_dtype=cfg.run.autocast_dtype, desc="teacher eval", progress=cfg.run.progress)["top1"]
     if not path:
         save_teacher(model, spec, out.path("teacher.pt"))
     log(f"teacher {spec.arch}: top-1 {spec.top1:.2f}% (taps {', '.join(teacher.taps)})")
@@ -153,13 +155,14 @@ def train_teacher(cfg: TrainConfig, data: DataBundle, inputs: InputSpec, device:
     model = create_teacher_model(cfg.teacher, len(data.classes)).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    opt = make_optimizer(param_groups([model], cfg.teacher_weight_decay), cfg.teacher_lr, device)
+    opt = engine.make_optimizer(param_groups([model], cfg.teacher_weight_decay), cfg.teacher_lr, device)
     steps_per_epoch = len(data.train)
     sched = engine.cosine_schedule(opt, cfg.teacher_warmup_steps(steps_per_epoch), cfg.teacher_epochs * steps_per_epoch)
-    crit = SupervisedLoss(nn.CrossEntropyLoss())
+    step = engine.TrainStep(model, SupervisedLoss(nn.CrossEntropyLoss()), opt, sched, device=device, amp=cfg.run.amp,
+                            amp_dtype=cfg.run.autocast_dtype)
     for epoch in range(cfg.teacher_epochs):
-        stats = engine.train_one_epoch(model, crit, data.train, opt, sched, device=device, amp=cfg.run.amp,
-                                       desc=f"teacher {epoch + 1}/{cfg.teacher_epochs}", progress=cfg.run.progress)
+        stats = engine.train_one_epoch(step, data.train, desc=f"teacher {epoch + 1}/{cfg.teacher_epochs}",
+                                       progress=cfg.run.progress)
         log(f"teacher epoch {epoch + 1}/{cfg.teacher_epochs}  loss {stats['loss']:.4f}")
     spec = TeacherSpec(arch=cfg.teacher, num_classes=len(data.classes), class_names=list(data.classes),
                        input_size=inputs.size, mean=inputs.mean, std=inputs.std)
@@ -178,10 +181,13 @@ def build_student(cfg: TrainConfig, num_classes: int, teacher: Teacher | None, s
         num_align=len(model.tap_blocks) if teacher is not None else 0,
         standardize_target=cfg.align_standardize, backend=cfg.run.backend,
     ).to(device)
-    optimizer = make_optimizer(param_groups([model, criterion], cfg.weight_decay), cfg.lr, device)
+    optimizer = engine.make_optimizer(param_groups([model, criterion], cfg.weight_decay), cfg.lr, device)
     scheduler = engine.cosine_schedule(optimizer, cfg.warmup_epochs * steps_per_epoch, cfg.epochs * steps_per_epoch,
                                        cfg.min_lr_ratio)
-    return Student(model, criterion, optimizer, scheduler)
+    step = engine.TrainStep(model, criterion, optimizer, scheduler, device=device, amp=cfg.run.amp,
+                            amp_dtype=cfg.run.autocast_dtype, max_norm=cfg.max_norm, compile=cfg.run.compile,
+                            compile_mode=cfg.run.compile_mode)
+    return Student(model, criterion, optimizer, scheduler, step)
 
 
 def resume(out: OutputFolder, s: Student, ck: dict | None) -> None:
@@ -194,6 +200,8 @@ def resume(out: OutputFolder, s: Student, ck: dict | None) -> None:
             s.criterion.load_state_dict(ck["criterion"], strict=False)
             s.optimizer.load_state_dict(ck["optimizer"])
             s.scheduler.load_state_dict(ck["scheduler"])
+            if s.step.scaler is not None and ck.get("scaler"):
+                s.step.scaler.load_state_dict(ck["scaler"])
             set_rng_state(ck["rng"])
         except (RuntimeError, ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"--resume: checkpoint.pt in '{out.root}' does not fit this model "
@@ -208,18 +216,19 @@ def fit(cfg: TrainConfig, out: OutputFolder, s: Student, data: DataBundle, teach
         device: torch.device) -> None:
     """Stage 1 for epochs < E1, stage 2 after; one record per epoch, appended to metrics.jsonl, and a
     checkpoint at every epoch end."""
-    net = torch.compile(s.model) if cfg.run.compile else s.model
     mix = mixup_fn(cfg, len(data.classes))
     for epoch in range(s.start_epoch, cfg.epochs):
         stage = 1 if epoch < cfg.switch_epoch else 2
         s.criterion.set_stage(stage)
+        if stage == 2 and teacher is not None:
+            teacher.offload()  # never run again: its memory goes back to the device
         data.train.set_epoch(epoch)
         t0, calls0 = time.time(), teacher.calls if teacher is not None else 0
-        train = engine.train_one_epoch(net, s.criterion, data.train, s.optimizer, s.scheduler, device=device,
-                                       amp=cfg.run.amp, mixup_fn=mix, max_norm=cfg.max_norm,
-                                       desc=f"stage {stage} epoch {epoch + 1}/{cfg.epochs}", progress=cfg.run.progress)
+        train = engine.train_one_epoch(s.step, data.train, mixup_fn=mix, progress=cfg.run.progress,
+                                       desc=f"stage {stage} epoch {epoch + 1}/{cfg.epochs}")
         train_time = time.time() - t0
-        val = engine.evaluate(s.model, data.val, device=device, amp=cfg.run.amp, progress=cfg.run.progress)
+        val = engine.evaluate(s.model, data.val, device=device, amp=cfg.run.amp, amp_dtype=cfg.run.autocast_dtype,
+                              progress=cfg.run.progress)
         rec = {"epoch": epoch, "stage": stage, "train": train, "val_top1": val["top1"], "val_top5": val["top5"],
                "val_loss": val["loss"], "num_val_samples": val["num_samples"], "train_time_s": round(train_time, 3),
                "images_per_s": round(data.num_train / max(train_time, 1e-9), 1),
@@ -231,7 +240,8 @@ def fit(cfg: TrainConfig, out: OutputFolder, s: Student, data: DataBundle, teach
         log(f"epoch {epoch + 1}/{cfg.epochs} stage {stage}  {terms}  val top-1 {val['top1']:.2f}%  ({train_time:.1f}s)")
         atomic_save({"epoch": epoch, "student": s.model.state_dict(), "criterion": s.criterion.state_dict(),
                      "optimizer": s.optimizer.state_dict(), "scheduler": s.scheduler.state_dict(), "records": s.records,
-                     "rng": rng_state(), "args": config.flat(cfg), "classes": data.classes},
+                     "rng": rng_state(), "args": config.flat(cfg), "classes": data.classes,
+                     "scaler": s.step.scaler.state_dict() if s.step.scaler is not None else None},
                     out.path("checkpoint.pt"))
 
 
@@ -299,11 +309,6 @@ def param_groups(modules: list[nn.Module], weight_decay: float) -> list[dict]:
                 continue
             (no_decay if p.ndim <= 1 or name in skip else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def make_optimizer(groups: list[dict], lr: float, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW; the fused implementation on CUDA."""
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), fused=device.type == "cuda")
 
 
 def base_criterion(cfg: TrainConfig) -> nn.Module:

@@ -12,6 +12,7 @@ per layer writes into one shared partial buffer; the finalise (moments from the 
 segmented norm then run once over all layers' channels, about 25 launches in all, instead of about
 ten small launches per layer.
 """
+import functools
 from typing import List
 
 import torch
@@ -95,6 +96,20 @@ def _layer_of_channel(xs: List[Tensor], device: torch.device) -> Tensor:
     return torch.bucketize(torch.arange(sum(x.shape[1] for x in xs), device=device), ends, right=True)
 
 
+@functools.lru_cache(maxsize=64)
+def layer_metadata(shapes: tuple[tuple[int, ...], ...], device: torch.device) -> tuple[Tensor, Tensor]:
+    """(layer index, element count n) of every concatenated channel for layers of these [B,C,H,W]
+    shapes, built once per set of shapes and device: the inversion and training loops repeat the same
+    shapes, so no host-to-device copy happens inside them."""
+    seg = torch.repeat_interleave(torch.arange(len(shapes)), torch.tensor([s[1] for s in shapes]))
+    n = torch.tensor([float(s[0] * s[2] * s[3]) for s in shapes])[seg]
+    return seg.to(device), n.to(device)
+
+
+def _metadata(xs: List[Tensor]) -> tuple[Tensor, Tensor]:
+    return layer_metadata(tuple(tuple(x.shape) for x in xs), xs[0].device)
+
+
 @torch.library.custom_op("dearkd_fast::bn_moments", mutates_args=())
 def bn_moments(xs: List[Tensor]) -> List[Tensor]:
     """[mean_cat, var_cat]: per-channel biased moments of every x in xs, channels concatenated (fp32)."""
@@ -115,8 +130,7 @@ def bn_moments(xs: List[Tensor]) -> List[Tensor]:
         _moments_kernel[(s, triton.cdiv(C, bc))](x, shift, part, rows, C, x.shape[2] * x.shape[3], col0, total_c,
                                                   *_strides(x), BLOCK_R=br, BLOCK_C=bc)
         col0 += C
-    counts = torch.tensor([float(x.shape[0] * x.shape[2] * x.shape[3]) for x in xs], device=device)
-    n = counts[_layer_of_channel(xs, device)]
+    n = _metadata(xs)[1]
     sums = part.sum(0)
     d_mean = sums[0] / n
     mean = shift + d_mean
@@ -171,7 +185,8 @@ def bn_stat_losses(xs: List[Tensor], running_means: List[Tensor], running_vars: 
     mean, var = bn_moments(list(xs))
     rm = torch.cat([r.float() for r in running_means])
     rv = torch.cat([r.float() for r in running_vars])
-    seg = _layer_of_channel(xs, mean.device)
+    # eager: the cached segment ids; traced by torch.compile: built in the graph (no cached constant)
+    seg = _layer_of_channel(xs, mean.device) if torch.compiler.is_compiling() else _metadata(xs)[0]
     sq = torch.stack([(mean - rm).pow(2), (var - rv).pow(2)])  # [2, total_C]
     per_layer = torch.zeros((2, len(xs)), device=mean.device, dtype=torch.float32).index_add_(1, seg, sq)
     # sqrt with a zero gradient at zero (a layer whose statistics already match exactly)

@@ -10,8 +10,11 @@ permute copy). Neither the forward nor the backward ever holds the [B,N,C] proje
               dW = s * R^T T   grid (C/BC, D/BD, SPLIT), loop over M tiles, R recomputed;
     with s = grad * 2 / (B N C). Partials are summed on the host in a fixed order (deterministic).
 
-Accumulation is fp32. Under TRITON_INTERPRET=1 the dot operands are upcast to fp32 (the
-interpreter's bf16 dot is wrong); on the GPU bf16/fp16 operands use the tensor cores.
+Accumulation is fp32. Training feeds bf16/fp16 tokens and weights (ops.feature_align_loss casts them to
+the autocast dtype): on the GPU those dots use the tensor cores. fp32 inputs (outside autocast) are
+multiplied as IEEE fp32 (input_precision="ieee", not TF32): a caller who passes fp32 asked for fp32
+accuracy, and the tests hold fp32 to fp32 tolerances. Under TRITON_INTERPRET=1 every dot is upcast to
+fp32 (the interpreter's bf16 dot is wrong).
 """
 from __future__ import annotations
 
@@ -47,7 +50,7 @@ def _residual_tile(T, W, Bias, F, rm, rc, M, N, C, D, grid_w,
         t = tl.load(T + t_row[:, None] + rk[None, :] * stride_td, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(W + rc[None, :] * stride_wc + rk[:, None] * stride_wd, mask=k_ok[:, None] & c_ok[None, :], other=0.0)
         if UPCAST:
-            acc += tl.dot(t.to(tl.float32), w.to(tl.float32))
+            acc += tl.dot(t.to(tl.float32), w.to(tl.float32), input_precision="ieee")
         else:
             acc += tl.dot(t, w.to(t.dtype))
     if HAS_BIAS:
@@ -92,7 +95,7 @@ def _align_bwd_dt_kernel(T, W, Bias, F, Scale, DT, DbPart, M, N, C, D, grid_w,
                            stride_wc, stride_wd, stride_fb, stride_fc, stride_fh, stride_fw, HAS_BIAS, UPCAST, BLOCK_K)
         w = tl.load(W + rc[:, None] * stride_wc + rd[None, :] * stride_wd, mask=c_ok[:, None] & d_ok[None, :], other=0.0)
         if UPCAST:
-            acc += tl.dot(r, w.to(tl.float32))
+            acc += tl.dot(r, w.to(tl.float32), input_precision="ieee")
         else:
             acc += tl.dot(r.to(T.dtype.element_ty), w.to(T.dtype.element_ty))
         if pid_d == 0:
@@ -124,7 +127,7 @@ def _align_bwd_dw_kernel(T, W, Bias, F, Scale, DWPart, M, N, C, D, grid_w,
         t_row = (rm // N).to(tl.int64) * stride_tb + (rm % N).to(tl.int64) * stride_tn
         t = tl.load(T + t_row[:, None] + rd[None, :] * stride_td, mask=(rm < M)[:, None] & d_ok[None, :], other=0.0)
         if UPCAST:
-            acc += tl.dot(tl.trans(r), t.to(tl.float32))
+            acc += tl.dot(tl.trans(r), t.to(tl.float32), input_precision="ieee")
         else:
             acc += tl.dot(tl.trans(r.to(T.dtype.element_ty)), t)
     scale = tl.load(Scale)

@@ -101,3 +101,48 @@ def test_tap_blocks_validated():
     assert len(tokens) == 2
     with pytest.raises(ValueError):
         m.set_tap_blocks([5])
+
+
+@pytest.mark.parametrize("heads,grid", [(1, (3, 3)), (3, (4, 5)), (4, (8, 8)), (12, (2, 7))])
+def test_fused_mhca_matches_the_reference_in_float64(heads, grid):
+    """SDPA + one batched product with P equals the full-matrix formulation: output and every gradient."""
+    torch.manual_seed(heads)
+    dim = 8 * heads
+    m = MHCA(dim, heads, grid).double()
+    with torch.no_grad():
+        m.v_pos.add_(torch.randn_like(m.v_pos))
+        m.gate_lambda.copy_(torch.randn(heads))
+    x = torch.randn(3, NUM_PREFIX_TOKENS + grid[0] * grid[1], dim, dtype=torch.float64, requires_grad=True)
+    outs, grads = [], []
+    for fused in (True, False):
+        m.fused = fused
+        m.zero_grad()
+        x.grad = None
+        y = m(x)
+        (y * torch.linspace(-1, 1, y.numel(), dtype=torch.float64).view_as(y)).sum().backward()
+        outs.append(y.detach())
+        grads.append([x.grad.clone()] + [p.grad.clone() for p in m.parameters()])
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-10, atol=1e-12)
+    names = ["x"] + [n for n, _ in m.named_parameters()]
+    for name, a, b in zip(names, grads[0], grads[1]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11, msg=name)
+    assert {"v_pos", "gate_lambda"} <= set(names)
+
+
+def test_fused_mhca_builds_no_batch_attention_matrix():
+    """No [B, H, T, T] tensor is saved for backward (the full matrix is what the fused path avoids)."""
+    m = MHCA(24, 3, (4, 4))
+    x = torch.randn(5, NUM_PREFIX_TOKENS + 16, 24, requires_grad=True)
+    T = NUM_PREFIX_TOKENS + 16
+    shapes = []
+
+    def pack(t):
+        shapes.append(tuple(t.shape))
+        return t
+
+    for fused, expect_matrix in ((True, False), (False, True)):
+        m.fused = fused
+        shapes.clear()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            m(x).sum().backward()
+        assert any(s[-2:] == (T, T) and s[0] == 5 for s in shapes) == expect_matrix, shapes

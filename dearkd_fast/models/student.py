@@ -93,6 +93,7 @@ class MHCA(nn.Module):
         self.gate_lambda = nn.Parameter(torch.ones(num_heads))  # lambda_k
         self.locality_strength = locality_strength
         self.register_buffer("rel_pos", relative_positions(*grid_size), persistent=False)
+        self.fused = True  # False: the reference formulation with the full attention matrix
         self.reset_locality()
 
     @torch.no_grad()
@@ -105,20 +106,47 @@ class MHCA(nn.Module):
 
     def positional_attention(self) -> Tensor:
         """softmax_j(v_k . r_ij) over patch keys: [H, N, N]."""
-        return torch.softmax(torch.einsum("ijc,hc->hij", self.rel_pos, self.v_pos.float()), dim=-1)
+        dt = self._acc_dtype()
+        return torch.softmax(torch.einsum("ijc,hc->hij", self.rel_pos.to(dt), self.v_pos.to(dt)), dim=-1)
+
+    def _acc_dtype(self) -> torch.dtype:
+        """fp32 for the gate and positional softmax (fp64 when the module is fp64)."""
+        return torch.promote_types(self.v_pos.dtype, torch.float32)
+
+    def gate(self) -> Tensor:
+        """g_k = sigmoid(lambda_k) as [1, H, 1, 1]."""
+        return torch.sigmoid(self.gate_lambda.to(self._acc_dtype())).view(1, -1, 1, 1)
 
     def forward(self, x: Tensor) -> Tensor:
         B, T, D = x.shape
-        P = NUM_PREFIX_TOKENS
         q, k = self.qk(x).view(B, T, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         v = self.v(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # [B,H,T,d]
-        content = torch.softmax((q @ k.transpose(-2, -1)).float() * self.scale, dim=-1)  # [B,H,T,T]
-        g = torch.sigmoid(self.gate_lambda.float()).view(1, -1, 1, 1)
+        if self.fused and not (self.training and self.attn_drop.p > 0):
+            out = self._attend_fused(q, k, v)
+        else:
+            out = self._attend_reference(q, k, v)
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, T, D)))
+
+    def _attend_fused(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Patch rows: (1 - g) SDPA(q, k, v) + g P v_patch, with P = softmax_j(v_k . r_ij) [H, N, N]
+        shared by the batch; prefix rows: SDPA only. No [B, H, T, T] tensor, forward or backward."""
+        P = NUM_PREFIX_TOKENS
+        content = F.scaled_dot_product_attention(q, k, v)  # flash / memory-efficient / fused CPU kernel
+        g = self.gate()
+        pos = torch.matmul(self.positional_attention().to(v.dtype), v[:, :, P:])  # [B,H,N,d]
+        patch = (1.0 - g) * content[:, :, P:] + g * pos
+        return torch.cat([content[:, :, :P], patch.to(content.dtype)], dim=2)
+
+    def _attend_reference(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """The formulation as written: the full [B, H, T, T] mixed attention matrix (also the path with
+        attention dropout, which acts on that matrix)."""
+        P = NUM_PREFIX_TOKENS
+        content = torch.softmax((q @ k.transpose(-2, -1)).to(self._acc_dtype()) * self.scale, dim=-1)  # [B,H,T,T]
+        g = self.gate()
         pos = self.positional_attention().unsqueeze(0)  # [1,H,N,N]
         patch_rows = (1.0 - g) * content[:, :, P:] + F.pad(g * pos, (P, 0))  # keys: prefix get no pos term
         attn = torch.cat([content[:, :, :P], patch_rows], dim=2).to(v.dtype)
-        out = self.attn_drop(attn) @ v
-        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, T, D)))
+        return self.attn_drop(attn) @ v
 
 
 class Block(nn.Module):

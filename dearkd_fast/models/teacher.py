@@ -214,7 +214,9 @@ class Teacher(nn.Module):
             except AttributeError as e:
                 raise CheckpointError(f"teacher {spec.arch} has no module '{name}' to tap") from e
             self._handles.append(module.register_forward_hook(self._make_hook(i)))
-        self.calls = 0
+        # a tensor, not an int attribute: torch.compile would treat an int as a constant and recompile each step
+        self.register_buffer("call_count", torch.zeros((), dtype=torch.long), persistent=False)
+        self.offloaded = False
         self.freeze()
 
     def _make_hook(self, i: int):
@@ -230,8 +232,18 @@ class Teacher(nn.Module):
         super().train(False)
         return self
 
+    @property
+    def calls(self) -> int:
+        """Forward calls so far (reads the device counter: call it between epochs, not per step)."""
+        return int(self.call_count)
+
+    def offload(self) -> None:
+        """Move the teacher to the CPU (stage 2 never runs it again); a no-op on the CPU."""
+        self.to("cpu")
+        self.offloaded = True
+
     def forward(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
-        self.calls += 1
+        self.call_count += 1
         if self.renorm:  # .to is a no-op once the buffers sit on x's device
             x = x * self.renorm_scale.to(x.device) + self.renorm_shift.to(x.device)
         with torch.no_grad():
