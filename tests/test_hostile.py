@@ -352,3 +352,16 @@ def test_non_utf8_names_train_on_torch_and_are_counted_under_dali(tmp_path):
     assert torch_data.num_train == 9 and odd not in torch_data.all_skipped()
     assert dali_data.num_train == 8 and odd in dali_data.all_skipped()
     assert sum(len(y) for _, y in dali_data.val) == 8
+
+
+def test_a_file_vanishing_under_dali_is_named(tmp_path):
+    from dearkd_fast.errors import RunError
+
+    root = write_image_folder(tmp_path / "d", {"a": 40, "b": 40})
+    data = folder_data(root, "dali", val_source=root, batch_size=4)
+    for i in range(1, 40):
+        os.remove(os.path.join(root, "a", f"{i:03d}.jpg"))
+    with pytest.raises(RunError, match="DALI could not read '.*/a/0"):
+        for _ in range(3):
+            for _batch in data.train:
+                pass

@@ -8,11 +8,12 @@ centre crop, every image of the shard exactly once (a partial last batch, no pad
 from __future__ import annotations
 
 import math
+import os
 from typing import TYPE_CHECKING
 
 import torch
 
-from ..errors import DataError
+from ..errors import DataError, RunError
 from .augment import RandAugmentSpec, pad_size
 from .torchvision import shard_bounds
 
@@ -69,14 +70,15 @@ def _pipeline(files, labels, *, train, inputs, gpu, pad_crop, hflip, fp16, seed,
 class DaliLoader:
     """Iterates (images, labels) on the training device; len() is the number of batches per epoch."""
 
-    def __init__(self, pipe, train: bool, batch_size: int, shard_size: int, device: torch.device):
+    def __init__(self, pipe, train: bool, batch_size: int, shard_size: int, device: torch.device,
+                 files: list[str] | None = None):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         pipe.build()
         policy = LastBatchPolicy.DROP if train else LastBatchPolicy.PARTIAL
         self.it = DALIGenericIterator([pipe], ["images", "labels"], reader_name="Reader", last_batch_policy=policy,
                                       auto_reset=True)
-        self.device = device
+        self.device, self.files = device, files or []
         self.num_batches = shard_size // batch_size if train else math.ceil(shard_size / batch_size)
 
     def __len__(self) -> int:
@@ -84,9 +86,16 @@ class DaliLoader:
 
     def __iter__(self):
         nb = self.device.type == "cuda"
-        for batch in self.it:
-            x, y = batch[0]["images"], batch[0]["labels"]
-            yield x.to(self.device, non_blocking=nb), y.view(-1).long().to(self.device, non_blocking=nb)
+        try:
+            for batch in self.it:
+                x, y = batch[0]["images"], batch[0]["labels"]
+                yield x.to(self.device, non_blocking=nb), y.view(-1).long().to(self.device, non_blocking=nb)
+        except RuntimeError as e:  # DALI cannot skip a file: name the one that went away, if one did
+            gone = next((f for f in self.files if not os.path.isfile(f)), None)
+            if gone is None:
+                raise
+            raise RunError(f"DALI could not read '{gone}': it vanished or changed after the scan (DALI cannot skip "
+                           "files; restore it, or use the torchvision loader, which skips and counts them)") from e
 
     def set_epoch(self, epoch: int) -> None:  # the reader reshuffles itself after every epoch
         pass
@@ -110,4 +119,4 @@ def build_dali_loader(samples: list[tuple[str, int]], *, batch_size: int, train:
                      batch_size=batch_size, threads=max(1, workers),
                      device_id=(device.index or 0) if gpu else None, randaug=ra)
     lo, hi = shard_bounds(len(samples), rank, world_size)
-    return DaliLoader(pipe, train, batch_size, hi - lo, device)
+    return DaliLoader(pipe, train, batch_size, hi - lo, device, files)
