@@ -6,12 +6,13 @@ models with timm.
 from . import ops, reference
 from .config import InvertConfig, TrainConfig
 from .errors import DearKDError, InputError, RunError
-from .losses import DearKDLoss, DeepInversionHook
+from .losses import DearKDLoss, DeepInversionHook, DeepInversionLoss, SupervisedLoss
 from .models import student as _student  # noqa: F401  (timm registration)
 from .models import teacher as _teacher  # noqa: F401  (timm registration)
-from .models.student import DearKDViT
-from .models.teacher import Teacher, load_teacher
+from .models.student import DearKDViT, load_student, save_student
+from .models.teacher import Teacher, TeacherSpec, load_teacher, save_teacher
 
 __version__ = "0.1.0"
 __all__ = ["DearKDError", "InputError", "RunError", "TrainConfig", "InvertConfig", "DearKDLoss", "DeepInversionHook",
-           "DearKDViT", "Teacher", "load_teacher", "ops", "reference", "__version__"]
+           "DeepInversionLoss", "SupervisedLoss", "DearKDViT", "Teacher", "TeacherSpec", "load_teacher", "save_teacher",
+           "load_student", "save_student", "ops", "reference", "__version__"]

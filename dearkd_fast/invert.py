@@ -63,7 +63,8 @@ def load_inversion_teacher(cfg: InvertConfig) -> tuple[torch.nn.Module, TeacherS
     else:
         model = create_teacher_model(cfg.teacher, cfg.num_classes)
         pcfg = getattr(model, "pretrained_cfg", {}) or {}
-        spec = TeacherSpec(cfg.teacher, cfg.num_classes, [str(i) for i in range(cfg.num_classes)],
+        width = len(str(cfg.num_classes - 1))  # zero-padded, so folder order is label order (00, 01, ..., 11)
+        spec = TeacherSpec(cfg.teacher, cfg.num_classes, [f"{i:0{width}d}" for i in range(cfg.num_classes)],
                            (pcfg.get("input_size") or (3, 224, 224))[-1],
                            tuple(pcfg.get("mean", IMAGENET_MEAN)), tuple(pcfg.get("std", IMAGENET_STD)))
         tqdm.write(f"{PROG}: warning: teacher {cfg.teacher} has random weights (no --teacher-ckpt)")

@@ -365,3 +365,12 @@ def test_a_file_vanishing_under_dali_is_named(tmp_path):
         for _ in range(3):
             for _batch in data.train:
                 pass
+
+
+def test_default_class_names_sort_as_labels(tmp_path):
+    """A teacher given by name with 12 classes gets folders 00..11 (str(i) would sort 10 before 2)."""
+    out = tmp_path / "o"
+    assert invert.main(["--teacher", "cifar_resnet8", "--num-classes", "12", "--images-per-class", "1",
+                        "--batch-size", "12", "--iterations", "1", "--no-progress", "--output", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == [f"{i:02d}" for i in range(12)]
+    assert sorted(p.name for p in (out / "07").iterdir()) == ["00000.png"]
