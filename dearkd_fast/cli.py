@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from typing import Callable
@@ -162,6 +163,4 @@ def run_cli(prog: str, config_cls: type, description: str, run: Callable, argv: 
 
 
 def _main_thread() -> bool:
-    import threading
-
     return threading.current_thread() is threading.main_thread()

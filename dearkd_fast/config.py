@@ -24,7 +24,7 @@ from .errors import InputError
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "SMALL_IMAGE_MAX", "InversionPreset", "SizePreset", "PRESETS", "preset_for",
-    "RunConfig", "DataConfig", "TrainConfig", "InvertConfig", "SynthesisSettings", "build_parser",
+    "RunConfig", "DataConfig", "stage_switch", "TrainConfig", "InvertConfig", "SynthesisSettings", "build_parser",
     "from_argv", "flag_table", "flat",
 ]
 
@@ -214,6 +214,11 @@ class DataConfig:
         return "dali" if self.dali else "torch"
 
 
+def stage_switch(epochs: int, stage1_epochs: int | None) -> int:
+    """E1, the first stage-2 epoch: --stage1-epochs, else 2/3 of --epochs rounded up."""
+    return stage1_epochs if stage1_epochs is not None else (2 * epochs + 2) // 3
+
+
 def _default_run_dir() -> str:
     return os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
 
@@ -281,8 +286,8 @@ class TrainConfig:
 
     @property
     def switch_epoch(self) -> int:
-        """E1, the first stage-2 epoch: --stage1-epochs, else 2/3 of --epochs rounded up."""
-        return self.stage1_epochs if self.stage1_epochs is not None else (2 * self.epochs + 2) // 3
+        """E1, the first stage-2 epoch (see stage_switch)."""
+        return stage_switch(self.epochs, self.stage1_epochs)
 
     @property
     def mixes(self) -> bool:

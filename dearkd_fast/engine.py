@@ -12,9 +12,7 @@ from tqdm import tqdm
 
 from .errors import RunError
 
-__all__ = ["TrainStep", "train_one_epoch", "evaluate", "cosine_schedule", "autocast", "make_optimizer", "AMP_DTYPES"]
-
-AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+__all__ = ["TrainStep", "train_one_epoch", "evaluate", "cosine_schedule", "autocast", "make_optimizer"]
 
 
 def autocast(device: torch.device, enabled: bool, dtype: torch.dtype = torch.bfloat16):

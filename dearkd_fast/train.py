@@ -101,8 +101,7 @@ def check_resume_args(stored: dict, now: dict) -> None:
         raise InputError(f"--resume: the run was started with other flags ({diffs}); resume with the original ones")
     if now["epochs"] < stored["epochs"]:
         raise InputError(f"--resume: --epochs may grow, not shrink ({stored['epochs']} -> {now['epochs']})")
-    switch = [TrainConfig(epochs=a["epochs"], stage1_epochs=a["stage1_epochs"], output="x").switch_epoch
-              for a in (stored, now)]
+    switch = [config.stage_switch(a["epochs"], a["stage1_epochs"]) for a in (stored, now)]
     if switch[0] != switch[1]:
         raise InputError(f"--resume: more --epochs would move the stage switch from epoch {switch[0]} to {switch[1]}; "
                          f"pass --stage1-epochs {switch[0]} to keep it")
@@ -251,6 +250,7 @@ def finalise(cfg: TrainConfig, out: OutputFolder, s: Student, data: DataBundle, 
     save_student(s.model, cfg.model, data.classes, inputs, out.path("student.pt"))
     records = s.records
     stage1 = [r for r in records if r["stage"] == 1]
+    skipped = data.all_skipped()
     summary = {
         "final_top1": records[-1]["val_top1"],
         "final_top5": records[-1]["val_top5"],
@@ -263,8 +263,8 @@ def finalise(cfg: TrainConfig, out: OutputFolder, s: Student, data: DataBundle, 
         "num_classes": len(data.classes),
         "num_train_samples": data.num_train,
         "num_val_samples": records[-1]["num_val_samples"],
-        "skipped_files": len(data.all_skipped()),
-        "skipped_paths": data.all_skipped()[:100],
+        "skipped_files": len(skipped),
+        "skipped_paths": skipped[:100],
         "empty_classes": data.empty_classes,
         "stage_switch_epoch": cfg.switch_epoch,
         "epochs": records,

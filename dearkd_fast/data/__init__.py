@@ -128,8 +128,9 @@ def build_data(cfg: DataConfig, inputs: InputSpec, *, batch_size: int, seed: int
     source, train_samples, val_samples, scan, skipped = _file_lists(cfg, seed, progress)
     if cfg.loader == "dali":  # DALI's reader takes UTF-8 names only: others are skipped and counted
         bad = [p for p, _ in train_samples + val_samples if not _utf8(p)]
-        train_samples = [s for s in train_samples if _utf8(s[0])]
-        val_samples = [s for s in val_samples if _utf8(s[0])]
+        drop = set(bad)
+        train_samples = [s for s in train_samples if s[0] not in drop]
+        val_samples = [s for s in val_samples if s[0] not in drop]
         skipped = sorted(skipped + bad)
     _check_sizes(source, train_samples, val_samples, batch_size)
     hflip = cfg.hflip if cfg.hflip is not None else source.hflip
