@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from dearkd_fast import ops, reference
-from dearkd_fast.config import IMAGENET_MEAN, IMAGENET_STD, PRESETS
+from dearkd_fast.config import IMAGENET_MEAN, IMAGENET_STD, INVERSION
 from dearkd_fast.data.folder import cache_root
 from dearkd_fast.testing import folder_data
 from dearkd_fast.testing import public_bn_loss as deepinversion_bn_loss
@@ -147,7 +147,7 @@ def data_loader(root, val_root, backend, size, train, fraction=1.0):
 
 
 # ---- DeepInversion iterations
-P = PRESETS["224"].inversion  # the public DeepInversion coefficients, for both variants
+P = INVERSION[("deepinversion", "224")]  # the public DeepInversion coefficients, for both variants
 INVERT_CFG = dict(arch="resnet50", batch=84, res=224, num_classes=1000) if GPU else \
     dict(arch="cifar_resnet8", batch=64, res=32, num_classes=10)
 
@@ -201,7 +201,7 @@ def inversion_case(variant: str, arch: str, batch: int, res: int, num_classes: i
         x = x.contiguous(memory_format=torch.channels_last)
     x.requires_grad_()
     opt = torch.optim.Adam([x], lr=0.1, betas=(0.5, 0.9))
-    crit = DeepInversionLoss(model)  # the public coefficients (PRESETS["224"]) are its defaults
+    crit = DeepInversionLoss(model)  # the public coefficients (INVERSION[("deepinversion", "224")]) are its defaults
     if variant == "fast-compiled":
         crit.teacher = torch.compile(model)
 
@@ -243,7 +243,6 @@ def train_step_case(variant: str, stage: int, student: str, teacher: str, res: i
     torch.manual_seed(0)
     dev = torch.device(DEV)
     model = timm.create_model(student, num_classes=num_classes).to(dev)
-    model.set_tap_blocks(range(model.num_mhca))
     for m in model.modules():
         if hasattr(m, "fused"):
             m.fused = None if variant == "ours" else False  # ours: fused on CUDA, the faster reference on a CPU
@@ -252,10 +251,10 @@ def train_step_case(variant: str, stage: int, student: str, teacher: str, res: i
         tmodel = tmodel.to(memory_format=torch.channels_last)
     spec = TeacherSpec(teacher, num_classes, [str(i) for i in range(num_classes)], res, IMAGENET_MEAN, IMAGENET_STD)
     t = Teacher(tmodel, spec)
-    crit = DearKDLoss(torch.nn.CrossEntropyLoss(), t, embed_dim=model.embed_dim, grid_size=model.grid_size,
-                      num_align=model.num_mhca, backend="auto" if variant == "ours" else "torch").to(dev)
-    crit.set_stage(stage)
-    params = [{"params": list(model.parameters()) + list(crit.parameters())}]
+    model.set_alignment(t.channels())  # the projections are the student's
+    crit = DearKDLoss(torch.nn.CrossEntropyLoss(), t, backend="auto" if variant == "ours" else "torch")
+    crit.set_stage(stage, model)
+    params = [{"params": list(model.parameters())}]
     opt = engine.make_optimizer(params, 1e-4, dev) if variant == "ours" else \
         torch.optim.AdamW(params, lr=1e-4, foreach=False, fused=False)
     step = engine.TrainStep(model, crit, opt, engine.cosine_schedule(opt, 0, 10**6), device=dev,

@@ -24,6 +24,7 @@ from .errors import InputError
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "SMALL_IMAGE_MAX", "InversionPreset", "SizePreset", "PRESETS", "preset_for",
+    "INVERSION", "OBJECTIVES", "inversion_preset",
     "RunConfig", "DataConfig", "stage_switch", "TrainConfig", "InvertConfig", "SynthesisSettings", "build_parser",
     "from_argv", "flag_table", "flat",
 ]
@@ -41,7 +42,14 @@ SMALL_IMAGE_MAX = 64
 
 @dataclass(frozen=True)
 class InversionPreset:
-    """DeepInversion coefficients and iterations of one full-resolution phase."""
+    """How images are synthesised: the objective's coefficients and the optimisation schedule.
+
+    Phases: `low_res_iterations` at half resolution (2x average-pooled; 0: none), then `iterations` at full
+    resolution, each with a fresh Adam(`betas`), `warmup` iterations of linear lr warm-up, then cosine to 0
+    (`schedule` "cosine") or a constant lr. `jitter` is the largest random roll at `jitter_side` px (scaled
+    with the resolution, halved in the half-resolution phase); `clip` keeps pixels in the valid range after
+    each step; `keep` "best" keeps the images of the lowest total loss, "last" the final ones.
+    """
 
     lr: float
     r_bn: float
@@ -50,25 +58,30 @@ class InversionPreset:
     tv_l1: float
     l2: float
     iterations: int
+    low_res_iterations: int
+    betas: tuple[float, float]
+    warmup: int
+    schedule: str
+    clip: bool
+    jitter: int
+    jitter_side: int
+    flip: bool
+    bpid: float
+    keep: str
 
 
 @dataclass(frozen=True)
 class SizePreset:
-    """Settings that depend on the image size: the train augmentation and the inversion defaults."""
+    """Settings that depend on the image size: the train augmentation."""
 
     name: str
     description: str
     pad_crop: bool  # pad-and-crop (small images) instead of random-resized-crop
-    inversion: InversionPreset
 
 
 PRESETS: dict[str, SizePreset] = {
-    # the public DeepInversion settings at 224 px (3,000 iterations in all, split evenly over the two phases)
-    "224": SizePreset("224", f"> {SMALL_IMAGE_MAX} px", pad_crop=False, inversion=InversionPreset(
-        lr=0.25, r_bn=0.01, first_bn_mult=10.0, tv_l2=1e-4, tv_l1=0.0, l2=1e-5, iterations=1500)),
-    # ours for CIFAR-style teachers, tuned on digits (benchmarks/RESULTS.md)
-    "small": SizePreset("small", f"<= {SMALL_IMAGE_MAX} px", pad_crop=True, inversion=InversionPreset(
-        lr=0.25, r_bn=1.0, first_bn_mult=10.0, tv_l2=1e-3, tv_l1=0.0, l2=1e-5, iterations=120)),
+    "224": SizePreset("224", f"> {SMALL_IMAGE_MAX} px", pad_crop=False),
+    "small": SizePreset("small", f"<= {SMALL_IMAGE_MAX} px", pad_crop=True),
 }
 
 
@@ -77,11 +90,47 @@ def preset_for(side: int) -> SizePreset:
     return PRESETS["small" if side <= SMALL_IMAGE_MAX else "224"]
 
 
+_OFFICIAL_224 = dict(lr=0.25, r_bn=0.01, first_bn_mult=10.0, tv_l2=1e-4, tv_l1=0.0, l2=1e-5)
+# (objective, size) -> settings. "deepinversion" is the public code term by term: at 224 px its ImageNet
+# setting 0 (2,000 half-resolution + 1,000 full-resolution iterations, Adam(0.5, 0.9), 100 warm-up
+# iterations then cosine per phase, jitter 30, flips, clipping, the best images kept) with its README's
+# coefficients; at <= 64 px its CIFAR-10 script with the paper's parameters (2,000 iterations, Adam's
+# default betas, constant lr 0.05, r_bn 10, TV-L2 2.5e-5, jitter 2, no flip, no clipping, no first-BN
+# multiplier, the best images kept). "dearkd" is ours: BPID on, a shorter schedule, the last images kept;
+# its small-image coefficients were tuned on digits (benchmarks/RESULTS.md; l2 8e-5 on the per-image norm
+# equals the whole-batch 1e-5 it was tuned with, at batch 64).
+INVERSION: dict[tuple[str, str], InversionPreset] = {
+    ("dearkd", "224"): InversionPreset(**_OFFICIAL_224, iterations=1500, low_res_iterations=1500, betas=(0.5, 0.9),
+                                       warmup=0, schedule="cosine", clip=True, jitter=30, jitter_side=224,
+                                       flip=True, bpid=10.0, keep="last"),
+    ("dearkd", "small"): InversionPreset(lr=0.25, r_bn=1.0, first_bn_mult=10.0, tv_l2=1e-3, tv_l1=0.0, l2=8e-5,
+                                         iterations=120, low_res_iterations=120, betas=(0.5, 0.9), warmup=0,
+                                         schedule="cosine", clip=True, jitter=30, jitter_side=224, flip=True,
+                                         bpid=10.0, keep="last"),
+    ("deepinversion", "224"): InversionPreset(**_OFFICIAL_224, iterations=1000, low_res_iterations=2000,
+                                              betas=(0.5, 0.9), warmup=100, schedule="cosine", clip=True, jitter=30,
+                                              jitter_side=224, flip=True, bpid=0.0, keep="best"),
+    ("deepinversion", "small"): InversionPreset(lr=0.05, r_bn=10.0, first_bn_mult=1.0, tv_l2=2.5e-5, tv_l1=0.0,
+                                                l2=0.0, iterations=2000, low_res_iterations=0, betas=(0.9, 0.999),
+                                                warmup=0, schedule="constant", clip=False, jitter=2, jitter_side=32,
+                                                flip=False, bpid=0.0, keep="best"),
+}
+OBJECTIVES = ("dearkd", "deepinversion")
+
+
+def inversion_preset(objective: str, side: int) -> InversionPreset:
+    """The inversion settings of an objective preset at an image side."""
+    return INVERSION[(objective, preset_for(side).name)]
+
+
 def _preset_help(key: str) -> str:
-    vals = {p.description: getattr(p.inversion, key) for p in PRESETS.values()}
+    def fmt(v):
+        return f"{v:g}" if isinstance(v, float) and not isinstance(v, bool) else str(v)
+
+    vals = {f"{o} {PRESETS[z].description}": getattr(p, key) for (o, z), p in INVERSION.items()}
     if len(set(vals.values())) == 1:
-        return f"default {next(iter(vals.values())):g}"
-    return "default " + ", ".join(f"{v:g} at {d}" for d, v in vals.items())
+        return f"default {fmt(next(iter(vals.values())))}"
+    return "default: " + ", ".join(f"{fmt(v)} ({d})" for d, v in vals.items())
 
 
 # ---------------------------------------------------------------------------------------------- fields
@@ -303,27 +352,36 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class SynthesisSettings(InversionPreset):
-    """The resolved settings that define an inversion run (compared on --resume): the coefficients
-    (flags where given, else the size preset's) and everything else the images depend on."""
+    """The resolved settings that define an inversion run (compared on --resume): the objective preset's,
+    overridden by the flags given, and everything else the images depend on."""
 
+    preset: str
     resolution: int
-    jitter: int
-    flip: bool
-    multi_resolution: bool
-    bpid: float
+    jitter_px: int
     bpid_margin: float
     bpid_lambda: float
     adi: float
+    adi_temperature: float
     images_per_class: int
     batch_size: int
     seed: int
     num_classes: int
+    targets: tuple[int, ...]
     teacher: str
     amp: bool
     compile: bool
 
     def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        d["betas"], d["targets"] = list(self.betas), list(self.targets)  # as JSON reads them back
+        return d
+
+
+def _int_list(text: str, flag_name: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(t) for t in text.split(","))
+    except ValueError:
+        raise InputError(f"{flag_name} must be comma-separated class indices, got '{text}'") from None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -331,69 +389,121 @@ class InvertConfig:
     """Every setting of python -m dearkd_fast.invert."""
 
     teacher_ckpt: str | None = flag(None, "teacher.pt written by the trainer (holds everything else)", group="teacher")
-    teacher: str | None = flag(None, "timm name (random weights unless --teacher-ckpt; for speed tests)", group="teacher")
-    num_classes: int | None = flag(None, "classes of a --teacher given by name", group="teacher")
-    class_names: str | None = flag(None, "comma-separated class folder names, in label order", group="teacher")
-    preset: str = flag("auto", "coefficient defaults: 'small' (ours, <= 64 px), '224' (the public DeepInversion "
-                       "settings), or 'auto' by resolution", group="synthesis", choices=("auto", *PRESETS))
+    teacher: str | None = flag(None, "timm name, or tv:<name> for torchvision (random weights unless --pretrained "
+                               "or --teacher-weights)", group="teacher")
+    pretrained: bool = flag(False, "load --teacher's published weights from the local timm / torch hub cache "
+                            "(nothing downloads here: a clear error says where to put them)", group="teacher")
+    teacher_weights: str | None = flag(None, "a plain state dict (or {'model' | 'state_dict': ...}) for --teacher",
+                                       group="teacher")
+    num_classes: int | None = flag(None, "classes of a --teacher given by name (default with --pretrained or "
+                                   "--teacher-weights: the weights' own)", group="teacher")
+    class_names: str | None = flag(None, "comma-separated class folder names, in label order (default: zero-padded "
+                                   "indices)", group="teacher")
+    targets: str | None = flag(None, "comma-separated class indices to synthesise (default: every class)",
+                               group="targets")
+    num_targets: int | None = flag(None, "synthesise K classes drawn at random by --seed", group="targets")
+    preset: str = flag("dearkd", "objective and schedule: 'dearkd' (ours, BPID on) or 'deepinversion' (the public "
+                       "code term by term); the size (<= 64 px or larger) picks the variant", group="synthesis",
+                       choices=OBJECTIVES)
     images_per_class: int = flag(16, "images of every class", group="synthesis")
     batch_size: int = flag(64, "images optimised together (batches cycle through the classes)", group="synthesis")
     resolution: int | None = flag(None, "image side (default: the teacher's input size)", group="synthesis")
-    iterations: int | None = flag(None, "iterations of the full-resolution phase; the half-resolution phase runs the "
-                                  "same number again", group="synthesis", preset="iterations")
-    multi_resolution: bool = flag(True, "first phase at half resolution (2x average-pooled)", group="synthesis")
-    lr: float | None = flag(None, "Adam(0.5, 0.9) learning rate, cosine per phase", group="synthesis", preset="lr")
+    iterations: int | None = flag(None, "iterations at full resolution", group="synthesis", preset="iterations")
+    low_res_iterations: int | None = flag(None, "iterations of a first phase at half resolution (0: none)",
+                                          group="synthesis", preset="low_res_iterations")
+    lr: float | None = flag(None, "Adam learning rate (warm-up, then cosine per phase or constant, as the preset)",
+                            group="synthesis", preset="lr")
     r_bn: float | None = flag(None, "BN-statistics weight", group="synthesis", preset="r_bn")
     first_bn_mult: float | None = flag(None, "multiplier of the first BN layer", group="synthesis", preset="first_bn_mult")
     tv_l2: float | None = flag(None, "L2 total variation weight", group="synthesis", preset="tv_l2")
     tv_l1: float | None = flag(None, "L1 total variation weight", group="synthesis", preset="tv_l1")
-    l2: float | None = flag(None, "image L2-norm weight", group="synthesis", preset="l2")
-    jitter: int | None = flag(None, "max random roll in pixels (default 30 * resolution / 224)", group="synthesis")
-    flip: bool = flag(True, "random horizontal flip", group="synthesis")
-    bpid: float = flag(10.0, "weight of the boundary-preserving intra-divergence loss (0: off)", group="synthesis")
+    l2: float | None = flag(None, "weight of the images' L2 norm (per image, batch mean)", group="synthesis",
+                            preset="l2")
+    jitter: int | None = flag(None, "max random roll in pixels at full resolution (default: the preset's, scaled to "
+                              "the resolution)", group="synthesis")
+    flip: bool | None = flag(None, "random horizontal flip", group="synthesis", preset="flip")
+    bpid: float | None = flag(None, "weight of the boundary-preserving intra-divergence loss (0: off)",
+                              group="synthesis", preset="bpid")
     bpid_margin: float = flag(1.0, "logit margin m of L_BPID", group="synthesis")
     bpid_lambda: float = flag(0.3, "weight lambda_b of L_BPID's boundary term", group="synthesis")
-    adi: float = flag(0.0, "Adaptive DeepInversion competition weight (needs --student-ckpt)", group="synthesis")
-    student_ckpt: str | None = flag(None, "student.pt for the ADI competition term", group="synthesis")
+    adi: float = flag(0.0, "Adaptive DeepInversion competition weight (needs a student)", group="adi")
+    adi_temperature: float = flag(3.0, "softmax temperature of the ADI competition term", group="adi")
+    student_ckpt: str | None = flag(None, "student.pt of the trainer as the ADI student", group="adi")
+    student: str | None = flag(None, "any timm name or tv:<name> as the ADI student (with --student-weights or "
+                               "--student-pretrained)", group="adi")
+    student_weights: str | None = flag(None, "a plain state dict for --student", group="adi")
+    student_pretrained: bool = flag(False, "--student's published weights from the local cache", group="adi")
     output: str = flag(help="ImageFolder to write", group="run")
     run: RunConfig = field(default_factory=RunConfig)
 
     def __post_init__(self):
         _check(self.teacher_ckpt is not None or self.teacher is not None,
-               "give --teacher-ckpt (a teacher.pt) or --teacher NAME with --num-classes")
-        _check(self.teacher_ckpt is not None or bool(self.num_classes), "--teacher NAME needs --num-classes")
+               "give --teacher-ckpt (a teacher.pt) or --teacher NAME (with --num-classes, --pretrained or "
+               "--teacher-weights)")
+        _check(self.teacher_ckpt is None or not (self.pretrained or self.teacher_weights),
+               "--pretrained / --teacher-weights go with --teacher NAME, not --teacher-ckpt")
+        _check(not (self.pretrained and self.teacher_weights), "give --pretrained or --teacher-weights, not both")
+        _check(self.teacher_ckpt is not None or bool(self.num_classes) or self.pretrained or bool(self.teacher_weights),
+               "--teacher NAME needs --num-classes (or --pretrained / --teacher-weights)")
         _check(self.images_per_class >= 1, f"--images-per-class must be >= 1, got {self.images_per_class}")
         _check(self.batch_size >= 2, f"--batch-size must be >= 2, got {self.batch_size}")
-        _check(not (self.adi > 0 and not self.student_ckpt), "--adi needs --student-ckpt")
+        has_student = bool(self.student_ckpt or self.student)
+        _check(not (self.adi > 0 and not has_student), "--adi needs a student: --student-ckpt or --student NAME")
+        _check(not (self.student_ckpt and self.student), "give --student-ckpt or --student, not both")
+        _check(self.student is not None or not (self.student_weights or self.student_pretrained),
+               "--student-weights / --student-pretrained go with --student NAME")
+        _check(not (self.targets and self.num_targets), "give --targets or --num-targets, not both")
+        if self.targets:
+            _check(all(t >= 0 for t in self.target_list), f"--targets must be class indices >= 0, got {self.targets}")
+            _check(len(set(self.target_list)) == len(self.target_list), f"--targets repeats a class: {self.targets}")
+        _check(self.num_targets is None or self.num_targets >= 1, f"--num-targets must be >= 1, got {self.num_targets}")
         _check(bool(self.output), "--output must not be empty")
         _check(self.run.amp_dtype == "bfloat16", "invert: --amp-dtype float16 is not supported (images are optimised "
                "without a gradient scaler); use bfloat16")
         _check(self.num_classes is None or self.num_classes >= 1, f"--num-classes must be >= 1, got {self.num_classes}")
         _check(self.iterations is None or self.iterations >= 1, f"--iterations must be >= 1, got {self.iterations}")
-        low = 16 if self.multi_resolution else 8  # the half-resolution phase needs 8 px
-        _check(self.resolution is None or self.resolution >= low,
-               f"--resolution must be >= {low}" + (" with --multi-resolution" if self.multi_resolution else "")
-               + f", got {self.resolution}")
+        _check(self.low_res_iterations is None or self.low_res_iterations >= 0,
+               f"--low-res-iterations must be >= 0, got {self.low_res_iterations}")
+        _check(self.resolution is None or self.resolution >= 8, f"--resolution must be >= 8, got {self.resolution}")
         _check(self.jitter is None or self.jitter >= 0, f"--jitter must be >= 0, got {self.jitter}")
         _finite("--lr", self.lr, low=0.0, low_open=True)
         for name in ("r_bn", "first_bn_mult", "tv_l2", "tv_l1", "l2", "bpid", "bpid_lambda", "adi"):
             _finite("--" + name.replace("_", "-"), getattr(self, name), low=0.0)
+        _finite("--adi-temperature", self.adi_temperature, low=0.0, low_open=True)
         _finite("--bpid-margin", self.bpid_margin)
 
-    def size_preset(self, resolution: int) -> SizePreset:
-        return PRESETS[self.preset] if self.preset != "auto" else preset_for(resolution)
+    @property
+    def target_list(self) -> tuple[int, ...]:
+        return _int_list(self.targets, "--targets") if self.targets else ()
 
     def synthesis(self, teacher_arch: str, num_classes: int, input_size: int) -> SynthesisSettings:
-        """The settings of this run for a teacher: flags where given, else the size preset's."""
+        """The settings of this run for a teacher: flags where given, else the objective preset's at this size."""
         res = self.resolution or input_size
-        base = self.size_preset(res).inversion
-        coeffs = {k: (getattr(self, k) if getattr(self, k) is not None else v) for k, v in dataclasses.asdict(base).items()}
+        base = inversion_preset(self.preset, res)
+        values = {k: (getattr(self, k) if getattr(self, k, None) is not None else v)
+                  for k, v in dataclasses.asdict(base).items()}
+        values["betas"] = tuple(values["betas"])
+        _check(values["low_res_iterations"] == 0 or res >= 16,
+               f"a half-resolution phase needs --resolution >= 16 (got {res}); pass --low-res-iterations 0")
+        targets = self.target_list or self.random_targets(num_classes)
+        _check(all(t < num_classes for t in targets),
+               f"--targets: class {max(targets)} does not exist (the teacher has {num_classes} classes)")
+        jitter_px = self.jitter if self.jitter is not None else max(1, round(base.jitter * res / base.jitter_side))
         return SynthesisSettings(
-            **coeffs, resolution=res, jitter=self.jitter if self.jitter is not None else max(1, round(30 * res / 224)),
-            flip=self.flip, multi_resolution=self.multi_resolution, bpid=self.bpid, bpid_margin=self.bpid_margin,
-            bpid_lambda=self.bpid_lambda, adi=self.adi, images_per_class=self.images_per_class,
-            batch_size=self.batch_size, seed=self.run.seed, num_classes=num_classes, teacher=teacher_arch,
-            amp=self.run.amp, compile=self.run.compile)
+            **values, preset=self.preset, resolution=res, jitter_px=jitter_px, bpid_margin=self.bpid_margin,
+            bpid_lambda=self.bpid_lambda, adi=self.adi, adi_temperature=self.adi_temperature,
+            images_per_class=self.images_per_class, batch_size=self.batch_size, seed=self.run.seed,
+            num_classes=num_classes, targets=tuple(targets), teacher=teacher_arch, amp=self.run.amp,
+            compile=self.run.compile)
+
+    def random_targets(self, num_classes: int) -> tuple[int, ...]:
+        """Every class, or --num-targets of them drawn by --seed (sorted)."""
+        if not self.num_targets:
+            return tuple(range(num_classes))
+        _check(self.num_targets <= num_classes,
+               f"--num-targets {self.num_targets} exceeds the teacher's {num_classes} classes")
+        g = torch.Generator().manual_seed(self.run.seed)
+        return tuple(sorted(torch.randperm(num_classes, generator=g)[: self.num_targets].tolist()))
 
 
 # ---------------------------------------------------------------------------------------------- parsing
@@ -446,7 +556,7 @@ def build_parser(cls, prog: str, description: str) -> argparse.ArgumentParser:
         else:
             kw["default"] = f.default
         if base is bool:
-            kw["action"] = argparse.BooleanOptionalAction if f.default is True else "store_true"
+            kw["action"] = argparse.BooleanOptionalAction if f.default is not False else "store_true"
         else:
             kw["type"] = base
             if md["choices"]:
@@ -495,7 +605,7 @@ def flag_table(cls) -> str:
             group = md["group"]
             rows.append(f"| **{group}** | | |")
         name = _flag_name(f)
-        names = f"`{name}`, `--no-{name[2:]}`" if _base_type(tp) is bool and f.default is True else f"`{name}`"
+        names = f"`{name}`, `--no-{name[2:]}`" if _base_type(tp) is bool and f.default is not False else f"`{name}`"
         if md["shown"] is not None:
             shown = md["shown"]
         elif f.default is MISSING or f.default is None or f.default is False or f.default_factory is not MISSING:

@@ -27,12 +27,12 @@ from tqdm import tqdm
 from . import config, engine
 from .checkpoint import atomic_write, atomic_write_json
 from .cli import OutputFolder, run_cli
-from .config import IMAGENET_MEAN, IMAGENET_STD, InvertConfig, SynthesisSettings
+from .config import InvertConfig, SynthesisSettings
 from .data.folder import check_folder_names
 from .errors import InputError, RunError
 from .losses import DeepInversionLoss, penultimate
 from .models.student import load_student
-from .models.teacher import TeacherSpec, check_teacher_arch, create_teacher_model, freeze, load_teacher
+from .models.teacher import TeacherSpec, check_teacher_arch, create_classifier, freeze, load_teacher, spec_of
 
 PROG = "dearkd_fast.invert"
 DESCRIPTION = __doc__.split("\n\n")[0]
@@ -46,28 +46,33 @@ def build_parser():
 
 
 def check_inputs(cfg: InvertConfig) -> None:
-    """Missing checkpoint files are refused before any work."""
-    for flag_name, path in (("--teacher-ckpt", cfg.teacher_ckpt), ("--student-ckpt", cfg.student_ckpt)):
+    """Missing files and unknown architectures are refused before any work."""
+    for flag_name, path in (("--teacher-ckpt", cfg.teacher_ckpt), ("--teacher-weights", cfg.teacher_weights),
+                            ("--student-ckpt", cfg.student_ckpt), ("--student-weights", cfg.student_weights)):
         if path is not None and not os.path.isfile(path):
             raise InputError(f"{flag_name} '{path}' does not exist")
     if cfg.teacher_ckpt is None:
         check_teacher_arch(cfg.teacher)
+    if cfg.student is not None:
+        check_teacher_arch(cfg.student)
 
 
 def load_inversion_teacher(cfg: InvertConfig) -> tuple[torch.nn.Module, TeacherSpec]:
-    """The teacher of --teacher-ckpt, or a randomly initialised --teacher (speed tests), with its class names."""
+    """The teacher of --teacher-ckpt, or --teacher NAME with its published weights (--pretrained), a state dict
+    (--teacher-weights) or random weights (speed tests), with its class names (zero-padded indices by default)."""
     if cfg.teacher_ckpt:
         model, spec = load_teacher(cfg.teacher_ckpt)
         if cfg.teacher and cfg.teacher != spec.arch:
             raise InputError(f"--teacher {cfg.teacher} differs from the checkpoint's architecture {spec.arch}")
     else:
-        model = create_teacher_model(cfg.teacher, cfg.num_classes)
-        pcfg = getattr(model, "pretrained_cfg", {}) or {}
-        width = len(str(cfg.num_classes - 1))  # zero-padded, so folder order is label order (00, 01, ..., 11)
-        spec = TeacherSpec(cfg.teacher, cfg.num_classes, [f"{i:0{width}d}" for i in range(cfg.num_classes)],
-                           (pcfg.get("input_size") or (3, 224, 224))[-1],
-                           tuple(pcfg.get("mean", IMAGENET_MEAN)), tuple(pcfg.get("std", IMAGENET_STD)))
-        tqdm.write(f"{PROG}: warning: teacher {cfg.teacher} has random weights (no --teacher-ckpt)")
+        model = create_classifier(cfg.teacher, cfg.num_classes, pretrained=cfg.pretrained, weights=cfg.teacher_weights)
+        spec = spec_of(model)
+        spec.arch, n = cfg.teacher, spec.num_classes or cfg.num_classes
+        width = len(str(n - 1))  # zero-padded, so folder order is label order (00, 01, ..., 11)
+        spec.num_classes, spec.class_names = n, [f"{i:0{width}d}" for i in range(n)]
+        if not (cfg.pretrained or cfg.teacher_weights):
+            tqdm.write(f"{PROG}: warning: teacher {cfg.teacher} has random weights (no --teacher-ckpt, --pretrained "
+                       "or --teacher-weights)")
     if cfg.class_names:
         names = cfg.class_names.split(",")
         if len(names) != spec.num_classes:
@@ -101,13 +106,20 @@ def prepare_output(cfg: InvertConfig, s: SynthesisSettings) -> tuple[OutputFolde
 
 
 def build_objective(cfg: InvertConfig, model: torch.nn.Module, s: SynthesisSettings, device: torch.device) -> DeepInversionLoss:
-    """DeepInversion + BPID (+ ADI against --student-ckpt) on the frozen teacher."""
+    """DeepInversion (+ BPID) (+ ADI against a student) on the frozen teacher."""
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    student = load_student(cfg.student_ckpt, device)[0].eval() if cfg.student_ckpt else None
+    student = None
+    if cfg.student_ckpt:
+        student = load_student(cfg.student_ckpt, device)[0]
+    elif cfg.student:
+        student = create_classifier(cfg.student, s.num_classes, pretrained=cfg.student_pretrained,
+                                    weights=cfg.student_weights).to(device)
+    if student is not None:
+        freeze(student)
     crit = DeepInversionLoss(model, r_bn=s.r_bn, first_bn_mult=s.first_bn_mult, tv_l2=s.tv_l2, tv_l1=s.tv_l1, l2=s.l2,
                              bpid=s.bpid, bpid_margin=s.bpid_margin, bpid_lambda=s.bpid_lambda, adi=s.adi,
-                             student=student, backend=cfg.run.backend)
+                             adi_temperature=s.adi_temperature, student=student, backend=cfg.run.backend)
     if cfg.run.compile:
         crit.teacher = torch.compile(model)
     return crit
@@ -116,18 +128,18 @@ def build_objective(cfg: InvertConfig, model: torch.nn.Module, s: SynthesisSetti
 def synthesize_all(cfg: InvertConfig, out: OutputFolder, crit: DeepInversionLoss, spec: TeacherSpec,
                    s: SynthesisSettings, state: dict, device: torch.device) -> None:
     """Every batch not yet done: optimise it from seed + k, write its PNGs, record it in progress.json."""
-    plan = batches(spec.num_classes, s.images_per_class, s.batch_size)
+    plan = batches(len(s.targets), s.images_per_class, s.batch_size)
     bar = tqdm(total=len(plan), initial=len(state["done"]), desc="batches", disable=not cfg.run.progress, dynamic_ncols=True)
     for k, ids in enumerate(plan):
         if str(k) in state["done"]:
             continue
-        targets = torch.tensor([j % spec.num_classes for j in ids], device=device)
+        targets = torch.tensor([target_of(s, j) for j in ids], device=device)
         x, terms = synthesize_batch(crit, targets, s, spec, s.seed + k, device, cfg.run.progress, f"batch {k + 1}/{len(plan)}")
         if not (torch.isfinite(x).all() and all(math.isfinite(v) for v in terms.values())):
             raise RunError(f"batch {k + 1}: the objective diverged (loss {terms['loss']}); lower --lr or the "
                            "coefficients. Finished batches are kept: --resume continues")
-        out.record([os.path.relpath(image_path(out.root, spec, j), out.root) for j in ids])
-        save_images(x, ids, out.root, spec)
+        out.record([os.path.relpath(image_path(out.root, spec, s, j), out.root) for j in ids])
+        save_images(x, ids, out.root, spec, s)
         state["done"][str(k)] = terms
         atomic_write_json(state, out.path("progress.json"))
         bar.update(1)
@@ -139,8 +151,8 @@ def synthesize_all(cfg: InvertConfig, out: OutputFolder, crit: DeepInversionLoss
 def finalise(cfg: InvertConfig, out: OutputFolder, model: torch.nn.Module, spec: TeacherSpec, s: SynthesisSettings,
              state: dict, device: torch.device, t0: float) -> dict:
     """Judge the saved PNGs with the teacher and write meta.json."""
-    n_images = spec.num_classes * s.images_per_class
-    acc, dist = evaluate_synthetic(model, out.root, spec, n_images, device, s.batch_size)
+    n_images = len(s.targets) * s.images_per_class
+    acc, dist = evaluate_synthetic(model, out.root, spec, s, n_images, device)
     finals = list(state["done"].values())
     meta = {
         "settings": s.as_dict(),
@@ -148,6 +160,7 @@ def finalise(cfg: InvertConfig, out: OutputFolder, model: torch.nn.Module, spec:
         "teacher": spec.arch,
         "teacher_ckpt": cfg.teacher_ckpt,
         "class_names": spec.class_names,
+        "targets": list(s.targets),
         "num_images": n_images,
         "teacher_accuracy": acc,
         "bn_loss_final": float(np.mean([t["bn"] for t in finals])),
@@ -178,10 +191,16 @@ def run(cfg: InvertConfig) -> dict:
 # ---------------------------------------------------------------------------------------------- pieces
 
 
-def batches(num_classes: int, per_class: int, batch_size: int) -> list[list[int]]:
-    """Image ids 0..C*n-1 in batches; image j has target j % C, so every batch cycles through the classes."""
-    ids = list(range(num_classes * per_class))
+def batches(num_targets: int, per_class: int, batch_size: int) -> list[list[int]]:
+    """Image ids 0..T*n-1 in batches; image j has the target of index j % T, so every batch cycles through the
+    target classes."""
+    ids = list(range(num_targets * per_class))
     return [ids[i:i + batch_size] for i in range(0, len(ids), batch_size)]
+
+
+def target_of(s: SynthesisSettings, j: int) -> int:
+    """The class of image j."""
+    return s.targets[j % len(s.targets)]
 
 
 def mean_std(spec: TeacherSpec, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
@@ -198,7 +217,11 @@ def pixel_bounds(spec: TeacherSpec, device) -> tuple[torch.Tensor, torch.Tensor]
 
 def synthesize_batch(crit: DeepInversionLoss, targets: torch.Tensor, s: SynthesisSettings, spec: TeacherSpec, seed: int,
                      device: torch.device, progress: bool, desc: str) -> tuple[torch.Tensor, dict]:
-    """Optimise one batch of images from noise; returns the images (normalised space) and final terms."""
+    """Optimise one batch of images from noise, phase by phase (half resolution first when the settings have
+    one); each iteration average-pools (half resolution), rolls by a random jitter, flips at random, then
+    steps Adam on the objective and clips to the pixel range (as the settings say). Returns the images
+    (normalised space) kept by the settings (the final ones, or those of the lowest total loss) and their
+    terms."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     rng = random.Random(seed)
     x = torch.randn((len(targets), 3, s.resolution, s.resolution), generator=gen).to(device)
@@ -206,32 +229,56 @@ def synthesize_batch(crit: DeepInversionLoss, targets: torch.Tensor, s: Synthesi
         x = x.contiguous(memory_format=torch.channels_last)
     x.requires_grad_()
     lo, hi = pixel_bounds(spec, device)
-    phases = ([(2, s.iterations)] if s.multi_resolution else []) + [(1, s.iterations)]
+    phases = [(pool, n) for pool, n in ((2, s.low_res_iterations), (1, s.iterations)) if n > 0]
+    best = BestImages(x) if s.keep == "best" else None
     bar = tqdm(total=sum(n for _, n in phases), desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
     for pool, iters in phases:
-        opt = torch.optim.Adam([x], lr=s.lr, betas=(0.5, 0.9), eps=1e-8)
-        sched = engine.cosine_schedule(opt, 0, iters, min_ratio=0.0)  # lr -> 0 over the phase
-        jitter = max(0, s.jitter // pool)
+        opt = torch.optim.Adam([x], lr=s.lr, betas=s.betas, eps=1e-8)
+        sched = engine.cosine_schedule(opt, s.warmup, iters, min_ratio=0.0) if s.schedule == "cosine" else None
+        jitter = s.jitter_px // pool
         for it in range(iters):
-            dx, dy = rng.randint(-jitter, jitter), rng.randint(-jitter, jitter)
-            xt = torch.roll(x, shifts=(dx, dy), dims=(2, 3))
-            if s.flip and rng.random() < 0.5:
-                xt = xt.flip(3)
-            if pool > 1:
-                xt = F.avg_pool2d(xt, pool)
             with engine.autocast(device, s.amp):
-                loss = crit(xt, targets)
+                loss = crit(jittered_view(x, pool, jitter, s.flip, rng), targets)
+            if best is not None:
+                best.offer(loss, x, crit.last_terms)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            sched.step()
-            with torch.no_grad():
-                x.clamp_(min=lo, max=hi)
+            if sched is not None:
+                sched.step()
+            if s.clip:
+                with torch.no_grad():
+                    x.clamp_(min=lo, max=hi)
             bar.update(1)
             if progress and it % 10 == 0:
                 bar.set_postfix(loss=f"{loss.item():.3f}", bn=f"{crit.last_terms['bn'].item():.3f}")
     bar.close()
-    return x.detach(), {k: v.item() for k, v in crit.last_terms.items()}
+    images, terms = (best.images, best.terms) if best is not None else (x.detach(), crit.last_terms)
+    return images, {k: v.item() for k, v in terms.items()}
+
+
+def jittered_view(x: torch.Tensor, pool: int, jitter: int, flip: bool, rng: random.Random) -> torch.Tensor:
+    """What the teacher sees: x 2x average-pooled (pool 2), rolled by up to `jitter` pixels each way, flipped
+    horizontally with probability 1/2 (when `flip`): the public code's order and random draws."""
+    xt = torch.roll(F.avg_pool2d(x, pool) if pool > 1 else x, dims=(2, 3),
+                    shifts=(rng.randint(-jitter, jitter), rng.randint(-jitter, jitter)))
+    return xt.flip(3) if rng.random() > 0.5 and flip else xt
+
+
+class BestImages:
+    """The images of the lowest total loss so far (before the step that loss drove) and their terms, chosen
+    on the device: no host sync per iteration."""
+
+    def __init__(self, x: torch.Tensor):
+        self.loss = torch.full((), math.inf, device=x.device)
+        self.images = x.detach().clone()
+        self.terms: dict[str, torch.Tensor] = {}
+
+    def offer(self, loss: torch.Tensor, x: torch.Tensor, terms: dict[str, torch.Tensor]) -> None:
+        better = loss.detach() < self.loss
+        self.loss = torch.where(better, loss.detach(), self.loss)
+        self.images = torch.where(better, x.detach(), self.images)
+        self.terms = {k: torch.where(better, v, self.terms[k]) if k in self.terms else v for k, v in terms.items()}
 
 
 def to_uint8(x: torch.Tensor, spec: TeacherSpec) -> np.ndarray:
@@ -240,29 +287,29 @@ def to_uint8(x: torch.Tensor, spec: TeacherSpec) -> np.ndarray:
     return img.permute(0, 2, 3, 1).contiguous().numpy()
 
 
-def image_path(output: str, spec: TeacherSpec, j: int) -> str:
-    C = spec.num_classes
-    return os.path.join(output, spec.class_names[j % C], f"{j // C:05d}.png")
+def image_path(output: str, spec: TeacherSpec, s: SynthesisSettings, j: int) -> str:
+    return os.path.join(output, spec.class_names[target_of(s, j)], f"{j // len(s.targets):05d}.png")
 
 
-def save_images(x: torch.Tensor, ids: list[int], output: str, spec: TeacherSpec) -> None:
+def save_images(x: torch.Tensor, ids: list[int], output: str, spec: TeacherSpec, s: SynthesisSettings) -> None:
     """Each PNG written to a temporary sibling and renamed: a kill never leaves a partial image."""
     for img, j in zip(to_uint8(x, spec), ids):
-        with atomic_write(image_path(output, spec, j)) as f:
+        with atomic_write(image_path(output, spec, s, j)) as f:
             Image.fromarray(img).save(f, format="PNG")
 
 
 @torch.no_grad()
-def evaluate_synthetic(model: torch.nn.Module, output: str, spec: TeacherSpec, n_images: int, device, batch_size: int):
+def evaluate_synthetic(model: torch.nn.Module, output: str, spec: TeacherSpec, s: SynthesisSettings, n_images: int,
+                       device) -> tuple[float, float]:
     """Teacher accuracy on the saved PNGs (argmax == target, %) and mean intra-class feature distance."""
     model.eval()
-    m, s = mean_std(spec)
+    m, sd = mean_std(spec)
     correct, feats, labels = 0, [], []
-    for i in range(0, n_images, batch_size):
-        ids = list(range(i, min(n_images, i + batch_size)))
-        arr = np.stack([np.asarray(Image.open(image_path(output, spec, j)).convert("RGB")) for j in ids])
-        x = ((torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 255 - m) / s).to(device)
-        y = torch.tensor([j % spec.num_classes for j in ids], device=device)
+    for i in range(0, n_images, s.batch_size):
+        ids = list(range(i, min(n_images, i + s.batch_size)))
+        arr = np.stack([np.asarray(Image.open(image_path(output, spec, s, j)).convert("RGB")) for j in ids])
+        x = ((torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 255 - m) / sd).to(device)
+        y = torch.tensor([target_of(s, j) for j in ids], device=device)
         logits, z = penultimate(model, x)
         correct += (logits.argmax(1) == y).sum().item()
         feats.append(F.normalize(z.float().flatten(1), dim=1).cpu())

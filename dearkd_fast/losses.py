@@ -16,11 +16,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops, reference
-from .config import PRESETS
+from .config import INVERSION
 from .errors import InputError, RunError
+from .models.student import align_pairing
 from .models.teacher import Teacher
 
-__all__ = ["DearKDLoss", "SupervisedLoss", "DeepInversionHook", "DeepInversionLoss", "js_divergence", "penultimate",
+__all__ = ["DearKDLoss", "SupervisedLoss", "DeepInversionHook", "DeepInversionLoss", "adi_competition", "penultimate",
            "resize_to_grid", "align_pairing"]
 
 
@@ -43,83 +44,86 @@ def standardize_channels(feat: Tensor, eps: float = 1e-5) -> Tensor:
     return (f - mean) * torch.rsqrt(var + eps)
 
 
-def align_pairing(num_blocks: int, num_taps: int) -> list[int]:
-    """Teacher tap for each of the first `num_blocks` student blocks: split evenly, in order."""
-    return [i * num_taps // num_blocks for i in range(num_blocks)]
-
-
-def _split_outputs(outputs) -> tuple[Tensor, Tensor | None, list[Tensor]]:
+def _split_outputs(outputs) -> tuple[Tensor, Tensor | None, list, tuple[int, int]]:
+    """(cls_logits, dist_logits or None, alignment inputs, patch grid) of a student's output."""
     if isinstance(outputs, Tensor):
-        return outputs, None, []
-    if len(outputs) == 2:
-        return outputs[0], outputs[1], []
-    return outputs[0], outputs[1], list(outputs[2])
+        return outputs, None, [], (0, 0)
+    if len(outputs) != 2:
+        raise InputError(f"DearKDLoss expects the student's (cls_logits, dist_logits), got {len(outputs)} outputs")
+    return outputs[0], outputs[1], list(getattr(outputs, "align", ())), tuple(getattr(outputs, "grid_size", (0, 0)))
 
 
 class DearKDLoss(nn.Module):
-    """Callable (inputs, outputs, labels) -> loss, like DeiT's DistillationLoss, with set_stage(1 | 2).
+    """Callable (inputs, outputs, labels) -> loss, built and called like DeiT's DistillationLoss, with
+    set_stage(1 | 2):
 
-    outputs is the student's training output (cls_logits, dist_logits, tokens). The alignment
-    projections are parameters of this module: give `criterion.parameters()` to the optimizer.
-    After each call `last_terms` holds the detached per-term values.
+        stage 1:  (1 - alpha) CE(cls, y) + alpha KD(dist, teacher) + beta * sum_pairs L_align
+        stage 2:  0.5 CE(cls, y) + 0.5 CE(dist, y)          (the teacher is not run)
+
+    `teacher_model`: a Teacher, or any nn.Module (wrapped in a Teacher, its early stages tapped
+    automatically: timm's feature_info, else ResNet's layer1/layer2). It is held, not owned: the
+    criterion has no parameters and no state. The alignment projections are the student's (see
+    DearKDViT.set_alignment); their inputs arrive with the student's distilled output, so a student
+    without alignment is distilled through its token alone. distillation_type 'none': labels only (a
+    plain output gets CE, a (cls, dist) pair the stage-2 loss). After each call `last_terms` holds the
+    detached per-term values.
     """
 
     def __init__(
         self,
         base_criterion: Callable[[Tensor, Tensor], Tensor],
-        teacher: Teacher | None,
-        *,
+        teacher_model: nn.Module | None = None,
         distillation_type: str = "hard",
         alpha: float = 0.5,
         tau: float = 1.0,
+        *,
         beta: float = 1.0,
-        embed_dim: int | None = None,
-        grid_size: tuple[int, int] | None = None,
-        num_align: int = 0,
+        taps: list[str] | None = None,
         standardize_target: bool = False,
         backend: str = "auto",
     ):
         super().__init__()
-        if distillation_type not in ("hard", "soft"):
-            raise InputError(f"distillation_type must be 'hard' or 'soft', got '{distillation_type}'")
+        if distillation_type not in ("none", "hard", "soft"):
+            raise InputError(f"distillation_type must be 'none', 'hard' or 'soft', got '{distillation_type}'")
         if not 0.0 <= alpha <= 1.0:
             raise InputError(f"alpha must be in [0, 1], got {alpha}")
+        if distillation_type != "none" and teacher_model is None:
+            raise InputError(f"distillation_type '{distillation_type}' needs a teacher_model")
+        if teacher_model is not None and not isinstance(teacher_model, Teacher):
+            teacher_model = Teacher(teacher_model, taps=taps)
         self.base_criterion = base_criterion
-        self.teacher = teacher
+        self.__dict__["teacher"] = teacher_model  # held, not a submodule: no parameters, no state_dict entries
         self.distillation_type = distillation_type
         self.alpha, self.tau, self.beta = alpha, tau, beta
-        self.grid_size = grid_size
         self.standardize_target = standardize_target
         self.backend = backend
-        self.pairing: list[int] = []
-        self.projections = nn.ModuleList()
-        if num_align > 0 and beta > 0:
-            if teacher is None or embed_dim is None or grid_size is None:
-                raise InputError("feature alignment needs a teacher, embed_dim and grid_size")
-            channels = teacher.channels()
-            self.pairing = align_pairing(num_align, len(channels))
-            self.projections.extend(nn.Linear(embed_dim, channels[s]) for s in self.pairing)
         self.stage = 1
         self.last_terms: dict[str, Tensor] = {}
 
-    def set_stage(self, stage: int) -> None:
-        """1: CE + KD + alignment (teacher runs); 2: labels only on both heads (teacher never runs)."""
+    def set_stage(self, stage: int, model: nn.Module | None = None) -> None:
+        """1: CE + KD + alignment (teacher runs); 2: labels only on both heads (teacher never runs).
+        Given the student (or its DDP wrapper), also switch on its distilled training output."""
         if stage not in (1, 2):
             raise InputError(f"stage must be 1 or 2, got {stage}")
         self.stage = stage
+        if model is not None:
+            getattr(model, "module", model).set_distilled_training(True)
 
     def forward(self, inputs: Tensor, outputs, labels: Tensor) -> Tensor:
-        cls_logits, dist_logits, tokens = _split_outputs(outputs)
+        cls_logits, dist_logits, align, grid = _split_outputs(outputs)
         if dist_logits is None:
-            raise InputError("DearKDLoss needs the student's (cls_logits, dist_logits[, tokens]) training output")
-        if self.stage == 2:
+            if self.distillation_type == "none":
+                loss = self.base_criterion(cls_logits, labels)
+                self.last_terms = {"loss": loss.detach(), "ce": loss.detach()}
+                return loss
+            raise InputError("DearKDLoss needs the student's (cls_logits, dist_logits) training output: "
+                             "call model.set_distilled_training(True) (or criterion.set_stage(stage, model))")
+        if self.stage == 2 or self.distillation_type == "none":
             ce_cls = self.base_criterion(cls_logits, labels)
             ce_dist = self.base_criterion(dist_logits, labels)
             loss = 0.5 * ce_cls + 0.5 * ce_dist
             self.last_terms = {"loss": loss.detach(), "ce": ce_cls.detach(), "ce_dist": ce_dist.detach()}
             return loss
-        if self.teacher is None:
-            raise InputError("stage 1 needs a teacher")
         teacher_logits, feats = self.teacher(inputs)
         ce = self.base_criterion(cls_logits, labels)
         if self.distillation_type == "hard":
@@ -128,25 +132,35 @@ class DearKDLoss(nn.Module):
             kd = reference.kd_soft(dist_logits, teacher_logits, self.tau)
         loss = (1.0 - self.alpha) * ce + self.alpha * kd
         terms = {"ce": ce.detach(), "kd": kd.detach()}
-        if self.projections:
-            if len(tokens) < len(self.projections):
-                raise InputError(
-                    f"alignment needs patch tokens of {len(self.projections)} blocks, the student returned {len(tokens)}"
-                )
-            targets = {s: self.align_target(feats[s]) for s in set(self.pairing)}  # once per tap, not per pair
-            align = sum(
-                ops.feature_align_loss(tok, proj.weight, proj.bias, targets[s], backend=self.backend)
-                for tok, proj, s in zip(tokens, self.projections, self.pairing)
-            )
-            loss = loss + self.beta * align
-            terms["align"] = align.detach()
+        if align and self.beta > 0:
+            align_loss = self.alignment(align, feats, grid)
+            loss = loss + self.beta * align_loss
+            terms["align"] = align_loss.detach()
         terms["loss"] = loss.detach()
         self.last_terms = terms
         return loss
 
-    def align_target(self, feat: Tensor) -> Tensor:
+    def alignment(self, align: list, feats: list[Tensor], grid: tuple[int, int]) -> Tensor:
+        """sum over the student's (tokens, W, b, tap) pairs of ops.feature_align_loss against the teacher's tap."""
+        targets: dict[int, Tensor] = {}
+        total = None
+        for tokens, weight, bias, s in align:
+            if s >= len(feats):
+                raise InputError(f"the student aligns to teacher tap {s}, the teacher has {len(feats)} taps "
+                                 f"({', '.join(self.teacher.taps)})")
+            if s not in targets:  # once per tap, not per pair
+                targets[s] = self.align_target(feats[s], grid)
+            if weight.shape[0] != targets[s].shape[1]:
+                raise InputError(f"the student's projection for teacher tap '{self.teacher.taps[s]}' has "
+                                 f"{weight.shape[0]} channels, the tap has {targets[s].shape[1]}: size "
+                                 "set_alignment() from this teacher")
+            term = ops.feature_align_loss(tokens, weight, bias, targets[s], backend=self.backend)
+            total = term if total is None else total + term
+        return total
+
+    def align_target(self, feat: Tensor, grid: tuple[int, int]) -> Tensor:
         """A teacher map resized to the patch grid (and standardised per channel when asked)."""
-        target = resize_to_grid(feat, self.grid_size)
+        target = resize_to_grid(feat, grid)
         return standardize_channels(target) if self.standardize_target else target
 
 
@@ -191,6 +205,8 @@ def _classifier(model: nn.Module) -> nn.Module:
     """The final linear layer (its input is the penultimate feature): timm get_classifier(), else fc/head."""
     if hasattr(model, "get_classifier"):
         head = model.get_classifier()
+        if isinstance(head, (tuple, list)):
+            head = head[0]
         if isinstance(head, nn.Module) and not isinstance(head, nn.Identity):
             return head
     for name in ("fc", "head", "classifier"):
@@ -213,14 +229,19 @@ def penultimate(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
     return logits, feats[-1]
 
 
-def js_divergence(p_logits: Tensor, q_logits: Tensor) -> Tensor:
-    """Jensen-Shannon divergence between softmax(p) and softmax(q), batch mean (natural log)."""
-    p, q = p_logits.float().softmax(1), q_logits.float().softmax(1)
-    m = (0.5 * (p + q)).clamp_min(1e-12).log()
-    return 0.5 * (F.kl_div(m, p, reduction="batchmean") + F.kl_div(m, q, reduction="batchmean"))
+def adi_competition(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 3.0) -> Tensor:
+    """Adaptive DeepInversion's competition term, as the public code defines it: with P = softmax(s/T),
+    Q = softmax(t/T), M = (P + Q) / 2, each clamped to [0.01, 0.99],
+    JS = 0.5 KL(M || P) + 0.5 KL(M || Q) (batch mean), the term is 1 - clamp(JS, 0, 1)."""
+    p = (student_logits.float() / temperature).softmax(1)
+    q = (teacher_logits.float() / temperature).softmax(1)
+    m = (0.5 * (p + q)).clamp(0.01, 0.99)
+    p, q = p.clamp(0.01, 0.99), q.clamp(0.01, 0.99)
+    js = 0.5 * F.kl_div(p.log(), m, reduction="batchmean") + 0.5 * F.kl_div(q.log(), m, reduction="batchmean")
+    return 1.0 - js.clamp(0.0, 1.0)
 
 
-_PUBLIC = PRESETS["224"].inversion  # the public DeepInversion coefficients are the defaults
+_PUBLIC = INVERSION[("deepinversion", "224")]  # the public DeepInversion coefficients are the defaults
 
 
 class DeepInversionLoss(nn.Module):
@@ -237,7 +258,8 @@ class DeepInversionLoss(nn.Module):
     def __init__(self, teacher: nn.Module, *, r_bn: float = _PUBLIC.r_bn, first_bn_mult: float = _PUBLIC.first_bn_mult,
                  tv_l2: float = _PUBLIC.tv_l2, tv_l1: float = _PUBLIC.tv_l1, l2: float = _PUBLIC.l2, bpid: float = 0.0,
                  bpid_margin: float = 1.0,
-                 bpid_lambda: float = 0.3, adi: float = 0.0, student: nn.Module | None = None, backend: str = "auto"):
+                 bpid_lambda: float = 0.3, adi: float = 0.0, adi_temperature: float = 3.0, student: nn.Module | None = None,
+                 backend: str = "auto"):
         super().__init__()
         if adi > 0 and student is None:
             raise InputError("the ADI competition term needs a student")
@@ -245,9 +267,11 @@ class DeepInversionLoss(nn.Module):
         if student is not None:
             student.eval()
         cfg = getattr(student, "pretrained_cfg", None) or {}
-        self.student_size = cfg.get("input_size", (0, 0, 0))[-1] or None  # ViTs take one input size only
+        # a student of one fixed input size (a ViT) sees the images resized to it; any other sees them as they are
+        self.student_size = cfg.get("input_size", (0, 0, 0))[-1] if cfg.get("fixed_input_size") else None
         self.r_bn, self.first_bn_mult, self.tv_l2, self.tv_l1, self.l2 = r_bn, first_bn_mult, tv_l2, tv_l1, l2
         self.bpid, self.bpid_margin, self.bpid_lambda, self.adi = bpid, bpid_margin, bpid_lambda, adi
+        self.adi_temperature = adi_temperature
         self.backend = backend
         self.bns = [m for m in teacher.modules() if isinstance(m, nn.BatchNorm2d)]
         if not self.bns:
@@ -273,7 +297,7 @@ class DeepInversionLoss(nn.Module):
         bn = self.first_bn_mult * bn_losses[0] + bn_losses[1:].sum()
         ce = F.cross_entropy(logits.float(), targets)
         tv2, tv1 = reference.tv_losses(x.float())
-        norm = torch.linalg.vector_norm(x.float())
+        norm = torch.linalg.vector_norm(x.float().flatten(1), dim=1).mean()  # per-image L2 norm, batch mean
         loss = ce + self.r_bn * bn + self.tv_l2 * tv2 + self.tv_l1 * tv1 + self.l2 * norm
         terms = {"ce": ce, "bn": bn, "tv_l2": tv2, "tv_l1": tv1, "l2": norm}
         if self.bpid > 0:
@@ -284,7 +308,7 @@ class DeepInversionLoss(nn.Module):
             xs = x
             if self.student_size and x.shape[-1] != self.student_size:  # e.g. the half-resolution phase
                 xs = F.interpolate(x, size=(self.student_size, self.student_size), mode="bilinear", align_corners=False)
-            competition = 1.0 - js_divergence(logits, self.student(xs)).clamp(0.0, 1.0)
+            competition = adi_competition(self.student(xs), logits, self.adi_temperature)
             loss = loss + self.adi * competition
             terms["adi"] = competition
         terms["loss"] = loss

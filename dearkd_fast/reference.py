@@ -116,7 +116,7 @@ def tv_losses(x: Tensor) -> tuple[Tensor, Tensor]:
     """Total variation of images x [B,C,H,W] over the four neighbour directions (DeepInversion's prior).
 
     d in {right, down, down-left diagonal, down-right diagonal} neighbour differences;
-    TV2 = sum_d ||d||_2,  TV1 = sum_d mean(|d|) / 255.
+    TV2 = sum_d ||d||_2,  TV1 = sum_d mean(|d|)  (the public code's scale: its /255 and *255 cancel).
     """
     diffs = (
         x[:, :, :, :-1] - x[:, :, :, 1:],
@@ -125,7 +125,7 @@ def tv_losses(x: Tensor) -> tuple[Tensor, Tensor]:
         x[:, :, :-1, :-1] - x[:, :, 1:, 1:],
     )
     tv2 = sum(torch.linalg.vector_norm(d) for d in diffs)
-    tv1 = sum((d.abs() / 255.0).mean() for d in diffs)
+    tv1 = sum(d.abs().mean() for d in diffs)
     return tv2, tv1
 
 

@@ -41,15 +41,17 @@ def make_teacher(num_classes: int = 5):
     return Teacher(model, spec)
 
 
-def make_student(num_classes: int = 5):
-    """dearkd_micro_patch4_32 returning the patch tokens of its MHCA blocks in training mode."""
+def make_student(num_classes: int = 5, teacher=None):
+    """dearkd_micro_patch4_32 in distilled training; with a Teacher, aligned to its taps (projections sized
+    from it)."""
     import timm
 
-    from . import models  # noqa: F401  (registration)
-    from .models import student  # noqa: F401
+    from .models import student  # noqa: F401  (registration)
 
     m = timm.create_model("dearkd_micro_patch4_32", num_classes=num_classes)
-    m.set_tap_blocks(range(m.num_mhca))
+    m.set_distilled_training(True)
+    if teacher is not None:
+        m.set_alignment(teacher.channels())
     return m
 
 

@@ -47,8 +47,8 @@ def build_parser():
 
 @dataclass
 class Student:
-    """The trainable side of a run: the student, its criterion (holding the alignment projections),
-    the optimizer and schedule over both, the step that drives them, and the epoch records so far."""
+    """The trainable side of a run: the student (holding the alignment projections), its criterion (holding
+    the teacher, not owning it), the optimizer and schedule, the step that drives them, the epoch records."""
 
     model: nn.Module
     criterion: DearKDLoss
@@ -170,17 +170,16 @@ def train_teacher(cfg: TrainConfig, data: DataBundle, inputs: InputSpec, device:
 
 def build_student(cfg: TrainConfig, num_classes: int, teacher: Teacher | None, steps_per_epoch: int,
                   device: torch.device) -> Student:
-    """The student, its DearKD criterion, AdamW over both and the per-step warm-up + cosine schedule."""
+    """The student (in distilled training, with alignment projections sized from the teacher's taps), its
+    DearKD criterion, AdamW over the student and the per-step warm-up + cosine schedule."""
     model = timm.create_model(cfg.model, num_classes=num_classes).to(device)
-    align = teacher is not None and cfg.beta > 0
-    model.set_tap_blocks(range(model.num_mhca) if align else ())
-    criterion = DearKDLoss(
-        base_criterion(cfg), teacher, distillation_type=cfg.distillation_type, alpha=cfg.alpha, tau=cfg.tau,
-        beta=cfg.beta, embed_dim=model.embed_dim, grid_size=model.grid_size,
-        num_align=len(model.tap_blocks) if teacher is not None else 0,
-        standardize_target=cfg.align_standardize, backend=cfg.run.backend,
-    ).to(device)
-    optimizer = engine.make_optimizer(param_groups([model, criterion], cfg.weight_decay), cfg.lr, device)
+    model.set_distilled_training(True)
+    if teacher is not None and cfg.beta > 0:
+        model.set_alignment(teacher.channels())
+    criterion = DearKDLoss(base_criterion(cfg), teacher, cfg.distillation_type if teacher is not None else "none",
+                           cfg.alpha, cfg.tau, beta=cfg.beta, standardize_target=cfg.align_standardize,
+                           backend=cfg.run.backend)
+    optimizer = engine.make_optimizer(param_groups([model], cfg.weight_decay), cfg.lr, device)
     scheduler = engine.cosine_schedule(optimizer, cfg.warmup_epochs * steps_per_epoch, cfg.epochs * steps_per_epoch,
                                        cfg.min_lr_ratio)
     step = engine.TrainStep(model, criterion, optimizer, scheduler, device=device, amp=cfg.run.amp,
@@ -195,8 +194,7 @@ def resume(out: OutputFolder, s: Student, ck: dict | None) -> None:
     metrics = out.path("metrics.jsonl")
     if ck is not None:
         try:
-            s.model.load_state_dict(ck["student"])
-            s.criterion.load_state_dict(ck["criterion"], strict=False)
+            s.model.load_state_dict(ck["student"], strict=True)
             s.optimizer.load_state_dict(ck["optimizer"])
             s.scheduler.load_state_dict(ck["scheduler"])
             if s.step.scaler is not None and ck.get("scaler"):
@@ -237,7 +235,7 @@ def fit(cfg: TrainConfig, out: OutputFolder, s: Student, data: DataBundle, teach
             f.write(json.dumps(rec) + "\n")
         terms = "  ".join(f"{k} {v:.4f}" for k, v in train.items() if k != "lr")
         log(f"epoch {epoch + 1}/{cfg.epochs} stage {stage}  {terms}  val top-1 {val['top1']:.2f}%  ({train_time:.1f}s)")
-        atomic_save({"epoch": epoch, "student": s.model.state_dict(), "criterion": s.criterion.state_dict(),
+        atomic_save({"epoch": epoch, "student": s.model.state_dict(),
                      "optimizer": s.optimizer.state_dict(), "scheduler": s.scheduler.state_dict(), "records": s.records,
                      "rng": rng_state(), "args": config.flat(cfg), "classes": data.classes,
                      "scaler": s.step.scaler.state_dict() if s.step.scaler is not None else None},

@@ -7,7 +7,7 @@ import pytest
 
 from dearkd_fast import config, invert, train
 from dearkd_fast.cli import run_cli
-from dearkd_fast.config import PRESETS, InvertConfig, TrainConfig, from_argv, preset_for
+from dearkd_fast.config import INVERSION, PRESETS, InvertConfig, TrainConfig, from_argv, preset_for
 from dearkd_fast.errors import DearKDError, InputError, RunError
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
@@ -49,19 +49,45 @@ def test_bad_values_are_input_errors_naming_the_flag(argv, text):
 def test_presets_hold_the_size_dependent_defaults():
     assert preset_for(32) is PRESETS["small"] and preset_for(64) is PRESETS["small"] and preset_for(65) is PRESETS["224"]
     cfg = from_argv(InvertConfig, ["--teacher-ckpt", "t", "--output", "o"], "p")
-    assert cfg.synthesis("a", 10, 224).r_bn == PRESETS["224"].inversion.r_bn
-    assert cfg.synthesis("a", 10, 32).r_bn == PRESETS["small"].inversion.r_bn
-    forced = from_argv(InvertConfig, ["--teacher-ckpt", "t", "--output", "o", "--preset", "224", "--tv-l2", "0.5"], "p")
-    s = forced.synthesis("a", 10, 32)
-    assert (s.r_bn, s.tv_l2, s.resolution) == (PRESETS["224"].inversion.r_bn, 0.5, 32)
+    assert cfg.preset == "dearkd"
+    assert cfg.synthesis("a", 10, 224).r_bn == INVERSION[("dearkd", "224")].r_bn
+    small = cfg.synthesis("a", 10, 32)
+    assert small.r_bn == INVERSION[("dearkd", "small")].r_bn and small.bpid > 0 and small.keep == "last"
+    assert small.jitter_px == round(30 * 32 / 224)  # the preset's jitter scaled to the resolution
+    official = from_argv(InvertConfig, ["--teacher-ckpt", "t", "--output", "o", "--preset", "deepinversion",
+                                        "--tv-l2", "0.5", "--no-flip"], "p")
+    s = official.synthesis("a", 10, 224)
+    assert (s.r_bn, s.tv_l2, s.resolution, s.flip, s.bpid) == (0.01, 0.5, 224, False, 0.0)
+    assert (s.low_res_iterations, s.iterations, s.betas, s.warmup, s.keep) == (2000, 1000, (0.5, 0.9), 100, "best")
+    cifar = official.synthesis("a", 10, 32)
+    assert (cifar.low_res_iterations, cifar.iterations, cifar.betas, cifar.schedule, cifar.jitter_px, cifar.clip) == \
+        (0, 2000, (0.9, 0.999), "constant", 2, False)
     # the help text states the preset values, and the loss's defaults are the public preset
     helps = {a.dest: a.help for a in config.build_parser(InvertConfig, "p", "")._actions}
-    assert f"{PRESETS['224'].inversion.r_bn:g}" in helps["r_bn"] and f"{PRESETS['small'].inversion.r_bn:g}" in helps["r_bn"]
+    assert all(f"{INVERSION[k].r_bn:g}" in helps["r_bn"] for k in INVERSION)
     import inspect
 
     from dearkd_fast.losses import DeepInversionLoss
     defaults = {k: p.default for k, p in inspect.signature(DeepInversionLoss).parameters.items()}
-    assert all(defaults[k] == getattr(PRESETS["224"].inversion, k) for k in ("r_bn", "first_bn_mult", "tv_l2", "tv_l1", "l2"))
+    assert all(defaults[k] == getattr(INVERSION[("deepinversion", "224")], k)
+               for k in ("r_bn", "first_bn_mult", "tv_l2", "tv_l1", "l2"))
+
+
+def test_targets_are_indices_or_drawn_by_seed():
+    base = ["--teacher-ckpt", "t", "--output", "o"]
+    assert from_argv(InvertConfig, base + ["--targets", "3,1"], "p").synthesis("a", 5, 32).targets == (3, 1)
+    drawn = [from_argv(InvertConfig, base + ["--num-targets", "3", "--seed", str(k)], "p").synthesis("a", 100, 32).targets
+             for k in (0, 0, 1)]
+    assert drawn[0] == drawn[1] != drawn[2] and len(set(drawn[0])) == 3 and all(0 <= t < 100 for t in drawn[0])
+    assert from_argv(InvertConfig, base, "p").synthesis("a", 4, 32).targets == (0, 1, 2, 3)
+    for argv, text in ((["--targets", "1,x"], "--targets"), (["--targets", "1,1"], "repeats"),
+                       (["--targets", "1", "--num-targets", "2"], "not both")):
+        with pytest.raises(InputError, match=text):
+            from_argv(InvertConfig, base + argv, "p")
+    with pytest.raises(InputError, match="does not exist"):
+        from_argv(InvertConfig, base + ["--targets", "7"], "p").synthesis("a", 5, 32)
+    with pytest.raises(InputError, match="exceeds"):
+        from_argv(InvertConfig, base + ["--num-targets", "9"], "p").synthesis("a", 5, 32)
 
 
 def _run_cli(tmp_path, capsys, exc, output=None):

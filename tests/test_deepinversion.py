@@ -49,11 +49,11 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from dearkd_fast import invert, reference  # noqa: E402
-from dearkd_fast.config import PRESETS, InvertConfig, from_argv  # noqa: E402
+from dearkd_fast.config import INVERSION, InvertConfig, from_argv  # noqa: E402
 from dearkd_fast.losses import DeepInversionLoss, penultimate  # noqa: E402
 from dearkd_fast.models.teacher import load_teacher  # noqa: E402
 
-FAST = ["--no-progress", "--iterations", "80"]
+FAST = ["--no-progress", "--iterations", "80", "--low-res-iterations", "80"]
 
 
 def test_objective_sums_weighted_terms():
@@ -71,7 +71,7 @@ def test_objective_sums_weighted_terms():
     per_layer = torch.stack([reference.bn_stat_loss(a, b.running_mean, b.running_var) for a, b in zip(xs, bns)])
     bn = 4.0 * per_layer[0] + per_layer[1:].sum()
     tv2, tv1 = reference.tv_losses(x)
-    want = (nn.functional.cross_entropy(logits, y) + 0.3 * bn + 1e-3 * tv2 + 0.5 * tv1 + 1e-2 * x.norm()
+    want = (nn.functional.cross_entropy(logits, y) + 0.3 * bn + 1e-3 * tv2 + 0.5 * tv1 + 1e-2 * x.flatten(1).norm(dim=1).mean()
             + 2.0 * reference.bpid_loss(feats, logits, y, 1.0, 0.5))
     torch.testing.assert_close(loss, want)
     assert set(crit.last_terms) == {"ce", "bn", "tv_l2", "tv_l1", "l2", "bpid", "loss"}
@@ -103,7 +103,7 @@ def test_bn_statistics_term_falls(digits_teacher):
     crit = DeepInversionLoss(model.eval(), r_bn=1.0, backend="torch")
     cfg = from_argv(InvertConfig, ["--teacher-ckpt", digits_teacher, "--output", "x", "--iterations", "30"], "invert")
     s = cfg.synthesis(spec.arch, spec.num_classes, spec.input_size)
-    assert (s.iterations, s.r_bn) == (30, PRESETS["small"].inversion.r_bn)  # a flag where given, else the preset
+    assert (s.iterations, s.r_bn) == (30, INVERSION[("dearkd", "small")].r_bn)  # a flag where given, else the preset
     y = torch.arange(20) % 10
     crit(torch.randn(20, 3, 32, 32, generator=torch.Generator().manual_seed(0)), y)
     start = crit.last_terms["bn"].item()
@@ -153,13 +153,13 @@ def test_resume_after_kill_redoes_nothing_and_leaves_no_partial_file(tmp_path, d
         calls.append(a[4])  # the batch seed
         return real_synth(*a, **k)
 
-    def save_then_die(x, ids, output, spec):  # the second batch dies after two of its ten images
+    def save_then_die(x, ids, output, spec, s):  # the second batch dies after two of its ten images
         if len(calls) == 2:
-            real_save(x[:2], ids[:2], output, spec)
+            real_save(x[:2], ids[:2], output, spec, s)
             with open(os.path.join(output, spec.class_names[0], ".tmp-00009.png-abc"), "wb") as f:
                 f.write(b"\x89PNG half")  # a torn temporary write
             raise KeyboardInterrupt
-        real_save(x, ids, output, spec)
+        real_save(x, ids, output, spec, s)
 
     monkeypatch.setattr(invert, "synthesize_batch", synth)
     monkeypatch.setattr(invert, "save_images", save_then_die)
@@ -188,7 +188,7 @@ def test_invert_bad_inputs_exit_2(tmp_path, digits_teacher, capsys):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x.txt").write_text("x")
     bad(["--teacher-ckpt", digits_teacher, "--output", str(tmp_path / "full")], "not empty")
-    bad(["--teacher-ckpt", digits_teacher, "--output", str(tmp_path / "o"), "--adi", "1"], "--student-ckpt")
+    bad(["--teacher-ckpt", digits_teacher, "--output", str(tmp_path / "o"), "--adi", "1"], "needs a student")
     bad(["--teacher-ckpt", digits_teacher, "--output", str(tmp_path / "o"), "--class-names", "a,b"], "--class-names")
     # a teacher without BatchNorm cannot be inverted: the user's mistake, so exit 2 (it was exit 1)
     bad(["--teacher", "vit_tiny_patch16_224", "--num-classes", "10", "--output", str(tmp_path / "o")], "BatchNorm2d")

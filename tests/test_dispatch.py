@@ -62,9 +62,9 @@ def test_dearkd_loss_goes_through_ops(monkeypatch):
     monkeypatch.setattr(losses.ops, "feature_align_loss", lambda *a, **k: calls.append(k) or real(*a, **k))
     from dearkd_fast.testing import make_student, make_teacher
 
-    teacher, student = make_teacher(), make_student()
-    crit = losses.DearKDLoss(torch.nn.CrossEntropyLoss(), teacher, embed_dim=student.embed_dim,
-                             grid_size=student.grid_size, num_align=student.num_mhca, backend="torch")
+    teacher = make_teacher()
+    student = make_student(teacher=teacher)
+    crit = losses.DearKDLoss(torch.nn.CrossEntropyLoss(), teacher, backend="torch")
     x = torch.randn(2, 3, 32, 32)
     crit(x, student(x), torch.tensor([0, 1]))
     assert calls == [{"backend": "torch"}] * 2

@@ -135,7 +135,7 @@ class _Payload:
 def test_crafted_checkpoints_run_nothing(tmp_path, capsys, kind, finished):
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pt"
-    torch.save({"format": "dearkd_fast.teacher/1", "spec": _Payload(str(marker))}, evil)
+    torch.save({"format": "dearkd_fast.teacher/2", "spec": _Payload(str(marker))}, evil)
     if kind == "teacher":
         expect(capsys, train, QUICK + ["--teacher-ckpt", str(evil), "--output", str(tmp_path / "o")], 2, "cannot be read")
     elif kind == "student":
@@ -151,7 +151,7 @@ def test_crafted_checkpoints_run_nothing(tmp_path, capsys, kind, finished):
 
 def test_teacher_checkpoint_missing_a_field(tmp_path, capsys):
     bad = tmp_path / "t.pt"
-    torch.save({"format": "dearkd_fast.teacher/1", "spec": {"arch": "cifar_resnet8", "num_classes": 10}, "state_dict": {}},
+    torch.save({"format": "dearkd_fast.teacher/2", "spec": {"arch": "cifar_resnet8", "num_classes": 10}, "model": {}},
                bad)
     expect(capsys, train, QUICK + ["--teacher-ckpt", str(bad), "--output", str(tmp_path / "o")], 2, "spec")
 

@@ -23,32 +23,35 @@ class CountingCall(nn.Module):
 
 def test_stage1_sums_terms_with_weights():
     torch.manual_seed(0)
-    teacher, student = make_teacher(), make_student()
+    teacher = make_teacher()
+    student = make_student(teacher=teacher)
     alpha, beta = 0.3, 2.5
-    crit = DearKDLoss(nn.CrossEntropyLoss(), teacher, alpha=alpha, beta=beta, embed_dim=student.embed_dim,
-                      grid_size=student.grid_size, num_align=student.num_mhca, backend="torch")
-    assert crit.pairing == [0, 1] and [p.out_features for p in crit.projections] == [32, 64]
+    crit = DearKDLoss(nn.CrossEntropyLoss(), teacher, "hard", alpha, beta=beta, backend="torch")
+    assert student.align_taps == [0, 1] and [p.out_features for p in student.align_proj] == [32, 64]
+    assert list(crit.parameters()) == [] and crit.state_dict() == {}  # the teacher is held, not owned
     x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 5, (4,))
     out = student(x)
+    assert isinstance(out, tuple) and len(out) == 2  # (cls, dist), like timm's distilled DeiT
     loss = crit(x, out, y)
     t_logits, feats = teacher(x)
     ce = nn.functional.cross_entropy(out[0], y)
     kd = reference.kd_hard(out[1], t_logits)
+    tokens = [tok for tok, *_ in out.align]
     align = sum(reference.feature_align_loss(tok, p.weight, p.bias, nn.functional.adaptive_avg_pool2d(feats[s], (8, 8)))
-                for tok, p, s in zip(out[2], crit.projections, crit.pairing))
+                for tok, p, s in zip(tokens, student.align_proj, student.align_taps))
     torch.testing.assert_close(loss, (1 - alpha) * ce + alpha * kd + beta * align)
     assert set(crit.last_terms) == {"ce", "kd", "align", "loss"}
     loss.backward()
-    assert all(p.grad is not None for p in crit.projections.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in student.align_proj.parameters())
     assert all(p.grad is None for p in teacher.parameters())
 
 
 def test_stage2_never_runs_teacher():
-    teacher, student = make_teacher(), make_student()
+    teacher = make_teacher()
+    student = make_student(teacher=teacher)
     counter = CountingCall()
     teacher.model.register_forward_hook(lambda *a: counter())
-    crit = DearKDLoss(nn.CrossEntropyLoss(), teacher, embed_dim=student.embed_dim, grid_size=student.grid_size,
-                      num_align=student.num_mhca)
+    crit = DearKDLoss(nn.CrossEntropyLoss(), teacher)
     x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 5, (2,))
     crit(x, student(x), y)
     calls_stage1 = counter.n
@@ -77,9 +80,9 @@ def test_kd_kinds(kind):
 
 
 def test_mixup_soft_targets():
-    teacher, student = make_teacher(), make_student()
-    crit = DearKDLoss(SoftTargetCrossEntropy(), teacher, embed_dim=student.embed_dim, grid_size=student.grid_size,
-                      num_align=student.num_mhca)
+    teacher = make_teacher()
+    student = make_student(teacher=teacher)
+    crit = DearKDLoss(SoftTargetCrossEntropy(), teacher)
     mix = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, num_classes=5)
     x, y = mix(torch.randn(4, 3, 32, 32), torch.randint(0, 5, (4,)))
     assert y.shape == (4, 5)
@@ -134,9 +137,11 @@ def test_each_teacher_map_prepared_once_per_step(monkeypatch):
     import dearkd_fast.losses as losses
 
     teacher = make_teacher()
-    student = timm.create_model("dearkd_tiny_patch4_32", num_classes=5, embed_dim=48, depth=4, num_heads=4, num_mhca=4)
-    crit = DearKDLoss(nn.CrossEntropyLoss(), teacher, embed_dim=48, grid_size=student.grid_size, num_align=4)
-    assert crit.pairing == [0, 0, 1, 1]
+    student = timm.create_model("dearkd_tiny_patch4_32", num_classes=5, embed_dim=48, depth=4, num_heads=4, num_mhca=4,
+                                align_channels=teacher.channels())
+    student.set_distilled_training(True)
+    crit = DearKDLoss(nn.CrossEntropyLoss(), teacher)
+    assert student.align_taps == [0, 0, 1, 1]
     calls = []
     real = losses.resize_to_grid
     monkeypatch.setattr(losses, "resize_to_grid", lambda f, g: calls.append(f.shape) or real(f, g))

@@ -13,16 +13,18 @@ def small_model(**kw):
 
 
 def test_shapes_train_and_eval():
-    m = small_model()
+    m = small_model(align_channels=[16, 24])
     x = torch.randn(3, 3, 32, 32)
-    cls, dist, tokens = m(x)
-    assert cls.shape == dist.shape == (3, 7)
-    assert len(tokens) == 2 and all(t.shape == (3, 64, 48) for t in tokens)
-    m.eval()
+    assert m(x).shape == (3, 7)  # training mode without distilled training: the mean of the heads, as timm's DeiT
+    m.set_distilled_training(True)
     out = m(x)
-    assert out.shape == (3, 7)
+    cls, dist = out
+    assert cls.shape == dist.shape == (3, 7)
+    assert [(t.shape, w.shape, s) for t, w, _, s in out.align] == [((3, 64, 48), (16, 48), 0), ((3, 64, 48), (24, 48), 1)]
+    m.eval()
+    assert m(x).shape == (3, 7)
     m.train()
-    cls, dist, _ = m(x)
+    cls, dist = m(x)
     m.eval()
     # eval averages the two heads (dropout/drop-path are off in this small config)
     torch.testing.assert_close(m(x), (cls + dist) / 2)
@@ -85,22 +87,26 @@ def test_prefix_tokens_get_no_positional_term():
 
 
 def test_gradients_reach_positional_vectors_and_gates():
-    m = small_model()
-    cls, dist, tokens = m(torch.randn(2, 3, 32, 32))
-    (cls.sum() + dist.sum() + sum(t.pow(2).mean() for t in tokens)).backward()
+    m = small_model(align_channels=[8])
+    m.set_distilled_training(True)
+    out = m(torch.randn(2, 3, 32, 32))
+    (out[0].sum() + out[1].sum() + sum(t.pow(2).mean() for t, *_ in out.align)).backward()
     for blk in m.blocks[:2]:
         assert blk.attn.v_pos.grad is not None and blk.attn.v_pos.grad.abs().sum() > 0
         assert blk.attn.gate_lambda.grad is not None and blk.attn.gate_lambda.grad.abs().sum() > 0
     assert not isinstance(m.blocks[2].attn, MHCA)
 
 
-def test_tap_blocks_validated():
+def test_alignment_blocks_validated():
     m = small_model()
-    m.set_tap_blocks([0, 2])
-    _, _, tokens = m(torch.randn(1, 3, 32, 32))
-    assert len(tokens) == 2
-    with pytest.raises(ValueError):
-        m.set_tap_blocks([5])
+    m.set_distilled_training(True)
+    m.set_alignment([8, 16], blocks=[0, 2])
+    assert [s for *_, s in m(torch.randn(1, 3, 32, 32)).align] == [0, 1]
+    for bad in ([5], []):
+        with pytest.raises(ValueError):
+            m.set_alignment([8], blocks=bad)
+    m.set_alignment(None)
+    assert m(torch.randn(1, 3, 32, 32)).align == [] and len(m.align_proj) == 0
 
 
 @pytest.mark.parametrize("heads,grid", [(1, (3, 3)), (3, (4, 5)), (4, (8, 8)), (12, (2, 7))])

@@ -4,20 +4,23 @@ Any timm CNN (by name) or torchvision classifier (`tv:<name>`) can teach; `cifar
 are CIFAR-style ResNets (3x3 stem, no max-pool) that teach well at 32 px. A teacher checkpoint
 (`teacher.pt`) holds the weights plus everything needed to rebuild and use it alone.
 """
-from __future__ import annotations
-
+import os
 from dataclasses import asdict, dataclass, field
+from typing import List, Optional, Tuple, Union
+from urllib.parse import urlparse
 
 import timm
 import torch
 import torch.nn as nn
-from timm.models import register_model
+import torch.nn.functional as F
+from timm.layers import DropPath
+from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
 from torch import Tensor
 
 from ..checkpoint import atomic_save, load_model_file
 from ..config import IMAGENET_MEAN, IMAGENET_STD
 from ..errors import CheckpointError, InputError
-from .student import TIMM_KWARGS
 
 __all__ = [
     "CifarResNet",
@@ -27,101 +30,178 @@ __all__ = [
     "check_teacher_arch",
     "has_module",
     "create_teacher_model",
+    "create_classifier",
+    "read_state_dict",
+    "published_weights_path",
     "default_taps",
     "save_teacher",
     "load_teacher",
 ]
 
-CHECKPOINT_FORMAT = "dearkd_fast.teacher/1"
+CHECKPOINT_FORMAT = "dearkd_fast.teacher/2"
 
 
 class BasicBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int):
+    def __init__(self, cin: int, cout: int, stride: int, drop_path: float = 0.0):
         super().__init__()
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(cout)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.shortcut = nn.Identity()
         if stride != 1 or cin != cout:
             self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
 
     def forward(self, x: Tensor) -> Tensor:
         out = torch.relu(self.bn1(self.conv1(x)))
-        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+        return torch.relu(self.drop_path(self.bn2(self.conv2(out))) + self.shortcut(x))
 
 
 class CifarResNet(nn.Module):
-    """ResNet for 32 px inputs: 3x3 stem, stages layer1..layer3 at strides 1, 2, 2."""
+    """ResNet for 32 px inputs: 3x3 stem, stages layer1..layer3 at strides 1, 2, 2; timm's model API."""
 
-    def __init__(self, blocks_per_stage: int = 3, widths: tuple[int, int, int] = (16, 32, 64), num_classes: int = 10,
-                 in_chans: int = 3, **kwargs):
+    def __init__(self, blocks_per_stage: int = 3, widths: Tuple[int, int, int] = (16, 32, 64), num_classes: int = 10,
+                 in_chans: int = 3, global_pool: str = "avg", drop_rate: float = 0.0, drop_path_rate: float = 0.0,
+                 device=None, dtype=None):
         super().__init__()
-        for k in TIMM_KWARGS:
-            kwargs.pop(k, None)
-        if kwargs:
-            raise InputError(f"CifarResNet got unexpected arguments: {sorted(kwargs)}")
+        _check_pool(global_pool)
         self.num_classes = num_classes
-        self.conv1 = nn.Conv2d(in_chans, widths[0], 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(widths[0])
-        cin, stages = widths[0], []
-        for i, w in enumerate(widths):
-            stage = [BasicBlock(cin if j == 0 else w, w, (1 if i == 0 else 2) if j == 0 else 1) for j in range(blocks_per_stage)]
-            stages.append(nn.Sequential(*stage))
-            cin = w
-        self.layer1, self.layer2, self.layer3 = stages
-        self.num_features = widths[-1]
-        self.fc = nn.Linear(widths[-1], num_classes)
+        self.in_chans = in_chans
+        self.global_pool = global_pool
+        self.drop_rate = drop_rate
+        self.grad_checkpointing = False
+        dpr = torch.linspace(0, drop_path_rate, 3 * blocks_per_stage, device="cpu").tolist()
+        with torch.device(device) if device is not None else _nullcontext():
+            self.conv1 = nn.Conv2d(in_chans, widths[0], 3, 1, 1, bias=False)
+            self.bn1 = nn.BatchNorm2d(widths[0])
+            self.act1 = nn.ReLU(inplace=True)
+            cin, stages = widths[0], []
+            for i, w in enumerate(widths):
+                stage = [BasicBlock(cin if j == 0 else w, w, (1 if i == 0 else 2) if j == 0 else 1,
+                                    dpr[i * blocks_per_stage + j]) for j in range(blocks_per_stage)]
+                stages.append(nn.Sequential(*stage))
+                cin = w
+            self.layer1, self.layer2, self.layer3 = stages
+            self.num_features = self.head_hidden_size = widths[-1]
+            self.fc = nn.Linear(widths[-1], num_classes) if num_classes > 0 else nn.Identity()
         self.feature_info = [
+            dict(num_chs=widths[0], reduction=1, module="act1"),
             dict(num_chs=widths[0], reduction=1, module="layer1"),
             dict(num_chs=widths[1], reduction=2, module="layer2"),
             dict(num_chs=widths[2], reduction=4, module="layer3"),
         ]
         for m in self.modules():
-            if isinstance(m, nn.Conv2d):
+            if isinstance(m, nn.Conv2d) and m.weight.device.type != "meta":
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        if dtype is not None:
+            self.to(dtype=dtype)
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return dict(stem=r"^conv1|^bn1", blocks=r"^layer(\d+)" if coarse else r"^layer(\d+)\.(\d+)")
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """A new classifier for `num_classes` (0: none); global_pool 'avg' or '' (no pooling)."""
+        if global_pool is not None:
+            _check_pool(global_pool)
+            self.global_pool = global_pool
+        self.num_classes = num_classes
+        ref = self.conv1.weight
+        fc = nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype) if num_classes > 0 \
+            else nn.Identity()
+        fc.train(self.training)
+        fc.requires_grad_(ref.requires_grad)
+        self.fc = fc
 
     def forward_features(self, x: Tensor) -> Tensor:
-        x = torch.relu(self.bn1(self.conv1(x)))
+        x = self.act1(self.bn1(self.conv1(x)))
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq([*self.layer1, *self.layer2, *self.layer3], x)
         return self.layer3(self.layer2(self.layer1(x)))
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        x = x.mean(dim=(2, 3))
+        if self.global_pool == "avg":
+            x = x.mean(dim=(2, 3))
+        if self.drop_rate > 0.0:
+            x = F.dropout(x, p=self.drop_rate, training=self.training)
         return x if pre_logits else self.fc(x)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
 
+    def forward_intermediates(self, x: Tensor, indices: Optional[Union[int, List[int]]] = None, norm: bool = False,
+                              stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False):
+        """timm's feature API: the stem and stage outputs in `indices` (last n if int, all if None), and the
+        final features."""
+        if output_fmt != "NCHW":
+            raise InputError(f"CifarResNet outputs NCHW features only, got {output_fmt}")
+        take_indices, max_index = feature_take_indices(4, indices)
+        intermediates: List[Tensor] = []
+        x = self.bn1(self.conv1(x))
+        for i, stage in enumerate([self.act1, self.layer1, self.layer2, self.layer3]):
+            if stop_early and i > max_index:
+                break
+            x = stage(x)
+            if i in take_indices:
+                intermediates.append(x)
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
 
-def _cifar_cfg() -> dict:
-    return {"num_classes": 10, "input_size": (3, 32, 32), "crop_pct": 1.0, "interpolation": "bilinear",
-            "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "first_conv": "conv1", "classifier": "fc"}
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
 
 
-def _cifar(blocks: int, widths: tuple[int, int, int], pretrained: bool, kwargs: dict) -> CifarResNet:
+def _check_pool(global_pool: str) -> None:
+    if global_pool not in ("avg", ""):
+        raise InputError(f"CifarResNet pools with 'avg' or not at all (''), got '{global_pool}'")
+
+
+default_cfgs = generate_default_cfgs({
+    name: {"num_classes": 10, "input_size": (3, 32, 32), "pool_size": (8, 8), "crop_pct": 1.0,
+           "interpolation": "bilinear", "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "first_conv": "conv1",
+           "classifier": "fc", "license": "apache-2.0"}
+    for name in ("cifar_resnet8", "cifar_resnet20", "cifar_resnet56")
+})
+
+
+def _cifar(variant: str, blocks: int, widths: Tuple[int, int, int], pretrained: bool, kwargs: dict) -> CifarResNet:
     if pretrained:
         raise InputError("cifar_resnet: no pretrained weights exist; train the teacher (--teacher-epochs)")
-    model = CifarResNet(blocks, widths, **kwargs)
-    model.default_cfg = model.pretrained_cfg = _cifar_cfg()
-    return model
+    return build_model_with_cfg(CifarResNet, variant, pretrained, feature_cfg=dict(out_indices=(0, 1, 2, 3)),
+                                blocks_per_stage=blocks, widths=widths, **kwargs)
 
 
 @register_model
 def cifar_resnet8(pretrained: bool = False, **kwargs) -> CifarResNet:
     """1 block a stage, widths 32/64/128: the fast CPU teacher."""
-    return _cifar(1, (32, 64, 128), pretrained, kwargs)
+    return _cifar("cifar_resnet8", 1, (32, 64, 128), pretrained, kwargs)
 
 
 @register_model
 def cifar_resnet20(pretrained: bool = False, **kwargs) -> CifarResNet:
     """He et al.'s ResNet-20 for CIFAR: 3 blocks a stage, widths 16/32/64."""
-    return _cifar(3, (16, 32, 64), pretrained, kwargs)
+    return _cifar("cifar_resnet20", 3, (16, 32, 64), pretrained, kwargs)
 
 
 @register_model
 def cifar_resnet56(pretrained: bool = False, **kwargs) -> CifarResNet:
     """He et al.'s ResNet-56 for CIFAR: 9 blocks a stage, widths 16/32/64."""
-    return _cifar(9, (16, 32, 64), pretrained, kwargs)
+    return _cifar("cifar_resnet56", 9, (16, 32, 64), pretrained, kwargs)
 
 
 def check_teacher_arch(arch: str) -> None:
@@ -143,6 +223,100 @@ def create_teacher_model(arch: str, num_classes: int) -> nn.Module:
 
         return torchvision.models.get_model(arch[3:], weights=None, num_classes=num_classes)
     return timm.create_model(arch, pretrained=False, num_classes=num_classes)
+
+
+def read_state_dict(path: str) -> dict:
+    """A plain state dict from a file (weights_only): the file itself, or its "model" / "state_dict" entry, with
+    DDP's "module." prefixes removed."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"weights file '{path}' does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is a bad input
+        raise CheckpointError(f"weights file '{path}' cannot be read ({type(e).__name__}; only plain tensors load)") \
+            from None
+    for key in ("model", "state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise CheckpointError(f"weights file '{path}' holds no state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def _last_linear(model: nn.Module) -> str:
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not names:
+        raise InputError(f"{type(model).__name__} has no linear classifier")
+    return names[-1]
+
+
+def published_weights_path(arch: str) -> tuple[str | None, str]:
+    """(the local file holding `arch`'s published weights or None, how to supply them): torchvision's torch hub
+    cache, or the Hugging Face cache / torch hub cache timm reads. Nothing is downloaded."""
+    if arch.startswith("tv:"):
+        import torchvision
+
+        try:
+            weights = torchvision.models.get_model_weights(arch[3:]).DEFAULT
+        except (ValueError, KeyError, AttributeError):
+            raise InputError(f"torchvision publishes no weights for '{arch[3:]}'") from None
+        path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(weights.url).path))
+        return (path if os.path.isfile(path) else None), f"download {weights.url} to {path} (or set TORCH_HOME)"
+    cfg = timm.models.get_pretrained_cfg(arch)
+    if cfg is None or not (cfg.hf_hub_id or cfg.url):
+        raise InputError(f"timm publishes no weights for '{arch}'")
+    if cfg.hf_hub_id:
+        from huggingface_hub import try_to_load_from_cache
+
+        for name in filter(None, (cfg.hf_hub_filename, "model.safetensors", "pytorch_model.bin")):
+            found = try_to_load_from_cache(cfg.hf_hub_id, name)
+            if isinstance(found, str):
+                return found, ""
+        return None, (f"run timm.create_model('{arch}', pretrained=True) on a connected machine and copy its Hugging "
+                      f"Face cache (hf-hub:{cfg.hf_hub_id}) to this one (HF_HUB_CACHE)")
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(cfg.url).path))
+    return (path if os.path.isfile(path) else None), f"download {cfg.url} to {path}"
+
+
+def create_classifier(arch: str, num_classes: int | None = None, *, pretrained: bool = False,
+                      weights: str | None = None) -> nn.Module:
+    """A timm (name) or torchvision (`tv:<name>`) classifier: random; with its published weights from the local
+    cache (`pretrained`; InputError saying how to supply them when absent: nothing downloads); or with a
+    state-dict file (`weights`). num_classes None: the weights' own (1000 for random weights)."""
+    check_teacher_arch(arch)
+    if weights:
+        sd = read_state_dict(weights)
+        if num_classes is None:
+            with torch.device("meta"):
+                probe = create_teacher_model(arch, 1000)
+            key = _last_linear(probe) + ".weight"
+            if key not in sd:
+                raise CheckpointError(f"weights file '{weights}' has no '{key}' (is it a {arch}?)")
+            num_classes = sd[key].shape[0]
+        model = create_teacher_model(arch, num_classes)
+        try:
+            model.load_state_dict(sd, strict=True)
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()[0]
+            raise CheckpointError(f"weights file '{weights}' does not fit {arch} with {num_classes} classes ({first})") \
+                from None
+        return model
+    if pretrained:
+        path, how = published_weights_path(arch)
+        if path is None:
+            raise InputError(f"the published weights of {arch} are not on this machine and nothing is downloaded "
+                             f"here: {how}, or pass --teacher-weights PATH")
+        if arch.startswith("tv:"):
+            model = create_teacher_model(arch, 1000)
+            model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
+        else:
+            model = timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(file=path))
+        own = getattr(model, "num_classes", None) or model.get_submodule(_last_linear(model)).out_features
+        if num_classes is not None and num_classes != own:
+            raise InputError(f"--num-classes {num_classes}: the published weights of {arch} have {own} classes")
+        return model
+    return create_teacher_model(arch, num_classes or 1000)
 
 
 def default_taps(model: nn.Module, count: int = 2) -> list[str]:
@@ -191,10 +365,11 @@ class Teacher(nn.Module):
     teacher's own (spec.mean, spec.std); inputs are then re-normalised for it.
     """
 
-    def __init__(self, model: nn.Module, spec: TeacherSpec, taps: list[str] | None = None,
+    def __init__(self, model: nn.Module, spec: TeacherSpec | None = None, taps: list[str] | None = None,
                  input_norm: tuple[tuple[float, ...], tuple[float, ...]] | None = None):
         super().__init__()
         self.model = model
+        spec = spec if spec is not None else spec_of(model)
         self.spec = spec
         # x_t = (x * std_in + mean_in - mean_t) / std_t = x * renorm_scale + renorm_shift (buffers: moved once)
         own = (tuple(spec.mean), tuple(spec.std))
@@ -228,7 +403,7 @@ class Teacher(nn.Module):
     def freeze(self) -> None:
         freeze(self.model)
 
-    def train(self, mode: bool = True) -> Teacher:  # always eval: BN running stats never move
+    def train(self, mode: bool = True) -> "Teacher":  # always eval: BN running stats never move
         super().train(False)
         return self
 
@@ -260,6 +435,16 @@ class Teacher(nn.Module):
         return [f.shape[1] for f in feats]
 
 
+def spec_of(model: nn.Module) -> TeacherSpec:
+    """A spec for a teacher given as a bare module: its timm config where it has one, else ImageNet's."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    num_classes = getattr(model, "num_classes", 0) or model.get_submodule(_last_linear(model)).out_features
+    return TeacherSpec(arch=cfg.get("architecture", type(model).__name__), num_classes=num_classes,
+                       class_names=[str(i) for i in range(num_classes)],
+                       input_size=(cfg.get("input_size") or (3, 224, 224))[-1],
+                       mean=tuple(cfg.get("mean", IMAGENET_MEAN)), std=tuple(cfg.get("std", IMAGENET_STD)))
+
+
 def freeze(model: nn.Module) -> nn.Module:
     """Eval mode (BN running statistics never move) and no gradients for any parameter."""
     model.eval()
@@ -269,8 +454,9 @@ def freeze(model: nn.Module) -> nn.Module:
 
 
 def save_teacher(model: nn.Module, spec: TeacherSpec, path: str) -> None:
-    """Write teacher.pt atomically: weights plus the spec."""
-    atomic_save({"format": CHECKPOINT_FORMAT, "spec": asdict(spec), "state_dict": model.state_dict()}, path)
+    """Write teacher.pt atomically in the ecosystem's shape: {"model": state_dict, "spec": ..., "format": ...}."""
+    atomic_save({"format": CHECKPOINT_FORMAT, "arch": spec.arch, "model": model.state_dict(), "spec": asdict(spec)},
+                path)
 
 
 def load_teacher(path: str, num_classes: int | None = None, map_location: str | torch.device = "cpu",
@@ -291,7 +477,7 @@ def load_teacher(path: str, num_classes: int | None = None, map_location: str | 
             f"{list(class_names)[:3]}... (same count, different names or order)")
     model = create_teacher_model(spec.arch, spec.num_classes)
     try:
-        model.load_state_dict(ckpt["state_dict"])
+        model.load_state_dict(ckpt["model"], strict=True)
     except (RuntimeError, KeyError, TypeError):
         raise CheckpointError(f"teacher checkpoint '{path}' does not fit architecture {spec.arch}") from None
     return model, spec
