@@ -230,3 +230,62 @@ def test_adi_competition_against_a_student(tmp_path, digits_teacher):
     student = os.path.join(os.path.dirname(digits_teacher), "student.pt")
     out, meta = _run_invert(tmp_path, digits_teacher, "adi", "--iterations", "2", "--adi", "1", "--student-ckpt", student)
     assert 0.0 <= meta["final_terms"]["adi"] <= 1.0 and meta["settings"]["adi"] == 1.0
+
+
+# ---------------------------------------------------------------- teachers, targets and students from elsewhere
+def _cfg(*argv):
+    return from_argv(InvertConfig, [*argv, "--output", "o"], "invert")
+
+
+def test_teacher_weights_plain_or_wrapped_state_dict(tmp_path, capsys):
+    from dearkd_fast.models.teacher import create_teacher_model
+
+    torch.manual_seed(0)
+    src = create_teacher_model("cifar_resnet8", 3)
+    plain, wrapped, wrong = tmp_path / "plain.pt", tmp_path / "wrapped.pt", tmp_path / "wrong.pt"
+    torch.save(src.state_dict(), plain)
+    torch.save({"state_dict": {"module." + k: v for k, v in src.state_dict().items()}, "epoch": 3}, wrapped)
+    torch.save(create_teacher_model("cifar_resnet20", 3).state_dict(), wrong)
+    for f in (plain, wrapped):
+        model, spec = invert.load_inversion_teacher(_cfg("--teacher", "cifar_resnet8", "--teacher-weights", str(f)))
+        assert spec.num_classes == 3 and spec.class_names == ["0", "1", "2"]  # the weights' own class count
+        for k, v in src.state_dict().items():
+            torch.testing.assert_close(model.state_dict()[k], v)
+    rc = invert.main(["--teacher", "cifar_resnet8", "--teacher-weights", str(wrong), "--output", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "does not fit" in err
+
+
+def test_pretrained_teachers_read_the_local_cache_only(tmp_path, monkeypatch, capsys):
+    """Nothing downloads: a missing file is a one-line error saying where to put it; a present one loads."""
+    import torchvision
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    argv = ["--teacher", "tv:mobilenet_v3_small", "--pretrained", "--output", str(tmp_path / "o"), "--no-progress"]
+    assert invert.main(argv) == 2
+    err = capsys.readouterr().err
+    weights = torchvision.models.MobileNet_V3_Small_Weights.DEFAULT
+    path = tmp_path / "torch" / "hub" / "checkpoints" / os.path.basename(weights.url)
+    assert err.count("\n") == 1 and weights.url in err and str(path) in err
+    torch.manual_seed(1)
+    published = torchvision.models.mobilenet_v3_small().state_dict()
+    path.parent.mkdir(parents=True)
+    torch.save(published, path)
+    model, spec = invert.load_inversion_teacher(_cfg("--teacher", "tv:mobilenet_v3_small", "--pretrained"))
+    assert spec.num_classes == 1000 and spec.class_names[:2] == ["000", "001"] and spec.class_names[-1] == "999"
+    torch.testing.assert_close(model.state_dict()["classifier.3.weight"], published["classifier.3.weight"])
+    assert invert.main(["--teacher", "resnet18", "--pretrained", "--output", str(tmp_path / "t")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Hugging Face cache" in err and "--teacher-weights" in err
+
+
+@pytest.mark.slow
+def test_targets_and_an_adi_student_from_timm(tmp_path, digits_teacher):
+    weights = tmp_path / "student_weights.pt"
+    torch.save(torch.load(digits_teacher, weights_only=True)["model"], weights)  # a cifar_resnet8 of 10 classes
+    out, meta = _run_invert(tmp_path, digits_teacher, "t", "--targets", "2,5", "--adi", "1", "--student",
+                            "cifar_resnet8", "--student-weights", str(weights), "--iterations", "3",
+                            "--low-res-iterations", "0")
+    assert meta["targets"] == [2, 5] and meta["num_images"] == 8 and "adi" in meta["final_terms"]
+    assert sorted(p for p in os.listdir(out) if os.path.isdir(out / p)) == ["2", "5"]
+    assert sorted(os.listdir(out / "5")) == [f"{i:05d}.png" for i in range(4)]

@@ -131,7 +131,7 @@ class _Payload:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["teacher", "student", "checkpoint"])
+@pytest.mark.parametrize("kind", ["teacher", "student", "checkpoint", "weights"])
 def test_crafted_checkpoints_run_nothing(tmp_path, capsys, kind, finished):
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pt"
@@ -141,6 +141,9 @@ def test_crafted_checkpoints_run_nothing(tmp_path, capsys, kind, finished):
     elif kind == "student":
         expect(capsys, invert, ["--teacher-ckpt", str(finished / "teacher.pt"), "--adi", "1", "--student-ckpt", str(evil),
                                 "--iterations", "1", "--output", str(tmp_path / "o"), "--no-progress"], 2, "cannot be read")
+    elif kind == "weights":
+        expect(capsys, invert, ["--teacher", "cifar_resnet8", "--teacher-weights", str(evil), "--iterations", "1",
+                                "--output", str(tmp_path / "o"), "--no-progress"], 2, "cannot be read")
     else:
         out = tmp_path / "r"
         out.mkdir()

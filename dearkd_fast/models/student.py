@@ -10,6 +10,7 @@ only. v_k is initialised to alpha * (2 dx_k, 2 dy_k, -1) so that head k peaks at
 (dx_k, dy_k) of a ceil(sqrt(H)) x ceil(sqrt(H)) kernel grid, and lambda_k = 1 so the positional part
 dominates at the start (ConViT's gated positional self-attention).
 """
+import contextlib
 import math
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -246,7 +247,7 @@ class DearKDViT(nn.Module):
         self.num_mhca = num_mhca
         self.distilled_training = False
         self.grad_checkpointing = False
-        with torch.device(device) if device is not None else _nullcontext():
+        with torch.device(device) if device is not None else contextlib.nullcontext():
             self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=in_chans,
                                           embed_dim=embed_dim)
             self.grid_size: Tuple[int, int] = tuple(self.patch_embed.grid_size)
@@ -457,14 +458,6 @@ class DearKDViT(nn.Module):
         if prune_head:
             self.reset_classifier(0)
         return take_indices
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _check_pool(global_pool: str) -> None:

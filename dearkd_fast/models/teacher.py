@@ -4,6 +4,7 @@ Any timm CNN (by name) or torchvision classifier (`tv:<name>`) can teach; `cifar
 are CIFAR-style ResNets (3x3 stem, no max-pool) that teach well at 32 px. A teacher checkpoint
 (`teacher.pt`) holds the weights plus everything needed to rebuild and use it alone.
 """
+import contextlib
 import os
 from dataclasses import asdict, dataclass, field
 from typing import List, Optional, Tuple, Union
@@ -72,7 +73,7 @@ class CifarResNet(nn.Module):
         self.drop_rate = drop_rate
         self.grad_checkpointing = False
         dpr = torch.linspace(0, drop_path_rate, 3 * blocks_per_stage, device="cpu").tolist()
-        with torch.device(device) if device is not None else _nullcontext():
+        with torch.device(device) if device is not None else contextlib.nullcontext():
             self.conv1 = nn.Conv2d(in_chans, widths[0], 3, 1, 1, bias=False)
             self.bn1 = nn.BatchNorm2d(widths[0])
             self.act1 = nn.ReLU(inplace=True)
@@ -156,14 +157,6 @@ class CifarResNet(nn.Module):
         if intermediates_only:
             return intermediates
         return x, intermediates
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _check_pool(global_pool: str) -> None:
