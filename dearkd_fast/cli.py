@@ -18,13 +18,46 @@ from typing import Callable
 
 from .checkpoint import TMP_PREFIX, atomic_write_json, remove_temporaries
 from .config import from_argv
-from .errors import InputError, Terminated
+from .errors import InputError, Stopped, Terminated
 
 __all__ = ["run_cli", "OutputFolder", "MANIFEST"]
 
 
 MANIFEST = "run.json"
 MANIFEST_FORMAT = "dearkd_fast.run/1"
+LOCK = ".dearkd.lock"  # held (flock) by the live run writing into a folder; the OS releases it when that run dies
+_held_locks: list[tuple[int, str]] = []
+
+
+def claim(root: str) -> None:
+    """Hold the folder's lock for the rest of this run; InputError when a live run holds it. A run that
+    crashed or was killed holds nothing (the kernel drops its lock), so no lock is ever stale; a run that
+    ends removes the lock file, so a folder is left as the run found it (plus what it wrote)."""
+    import fcntl
+
+    path = os.path.join(root, LOCK)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise InputError(f"output folder '{root}' is in use by a running job (pid {holder}); wait for it or choose "
+                         "another --output") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    _held_locks.append((fd, path))
+
+
+def release_claims() -> None:
+    """Drop every folder lock this process holds (the end of a run in this process)."""
+    while _held_locks:
+        fd, path = _held_locks.pop()
+        try:
+            os.unlink(path)  # still held: nobody else is inside this folder
+        except OSError:
+            pass
+        os.close(fd)
 
 
 class OutputFolder:
@@ -42,7 +75,10 @@ class OutputFolder:
         be written into only if it holds none of `own_names` (and, when `exclusive`, nothing at all)."""
         if os.path.exists(root) and not os.path.isdir(root):
             raise InputError(f"--output '{root}' is a file")
-        listing = [f for f in (os.listdir(root) if os.path.isdir(root) else []) if not f.startswith(TMP_PREFIX)]
+        if os.path.isdir(root):
+            claim(root)  # before anything is read: a live run in this folder is refused outright
+        listing = [f for f in (os.listdir(root) if os.path.isdir(root) else [])
+                   if not f.startswith(TMP_PREFIX) and f != LOCK]
         manifest = _read_manifest(root) if MANIFEST in listing else None
         if manifest is not None and not manifest["files"] and not resume:  # a claim on which nothing was written
             listing, manifest = [f for f in listing if f != MANIFEST], None
@@ -64,7 +100,9 @@ class OutputFolder:
                              "choose a new or empty --output" + (" (or --resume)" if resume_file in listing else ""))
         else:
             out = cls(root, tool)
-        os.makedirs(root, exist_ok=True)
+        if not os.path.isdir(root):
+            os.makedirs(root, exist_ok=True)
+            claim(root)
         remove_temporaries(root, recursive=True)
         out.save()
         return out
@@ -146,6 +184,10 @@ def run_cli(prog: str, config_cls: type, description: str, run: Callable, argv: 
     except InputError as e:
         print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except Stopped as e:
+        how = "SIGTERM" if e.signum == signal.SIGTERM else "Ctrl-C"
+        print(f"{prog}: stopped ({how}) {e.where}: checkpoint.pt is written; continue with --resume", file=sys.stderr)
+        return 143 if e.signum == signal.SIGTERM else 130
     except (KeyboardInterrupt, Terminated) as e:
         how = "SIGTERM" if isinstance(e, Terminated) else "Ctrl-C"
         print(f"{prog}: interrupted ({how}); every file written so far is whole: continue with --resume",
@@ -158,8 +200,34 @@ def run_cli(prog: str, config_cls: type, description: str, run: Callable, argv: 
         print(f"{prog}: failed: {type(e).__name__}: {_one_line(e)} (traceback in {log})", file=sys.stderr)
         return 1
     finally:
+        release_claims()
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+class StopRequest:
+    """While active: a first SIGINT or SIGTERM only sets `signum` (the loop checkpoints at its next step
+    boundary and raises Stopped); a second SIGINT stops at once (KeyboardInterrupt; every file is written
+    atomically, so nothing is torn), a second SIGTERM too (Terminated)."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame):
+        if self.signum is None:
+            self.signum = signum
+            return
+        raise (Terminated() if signum == signal.SIGTERM else KeyboardInterrupt())
+
+    def __enter__(self) -> StopRequest:
+        if _main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, h in self._previous.items():
+            signal.signal(s, h)
 
 
 def _main_thread() -> bool:

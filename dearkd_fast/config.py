@@ -304,11 +304,24 @@ class TrainConfig:
     tau: float = flag(1.0, "soft-KD temperature", group="distillation")
     align_standardize: bool = flag(False, "per-channel standardise teacher maps before alignment", group="distillation")
     output: str = flag(help="output folder", group="run", factory=_default_run_dir, shown="runs/<date-time>")
+    checkpoint_every: int = flag(0, "also checkpoint every N steps (0: at epoch ends only); needs the torchvision "
+                                 "loader (DALI cannot restart mid-epoch)", group="checkpoints")
+    keep_checkpoints: int = flag(1, "checkpoints kept (checkpoint.pt is always the newest)", group="checkpoints")
+    max_bad_steps: int = flag(20, "stop (exit 1) after N non-finite losses in a row (each is skipped; 0: never stop)",
+                              group="checkpoints")
+    deterministic: bool = flag(False, "deterministic algorithms (a run resumed from any checkpoint then ends "
+                               "bit-identical to one never interrupted)", group="checkpoints")
     run: RunConfig = field(default_factory=RunConfig)
     # the teacher warms up over this share of its steps, at most one epoch
     teacher_warmup_share: float = 0.1
 
     def __post_init__(self):
+        _check(self.checkpoint_every >= 0, f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
+        _check(self.keep_checkpoints >= 1, f"--keep-checkpoints must be >= 1, got {self.keep_checkpoints}")
+        _check(self.max_bad_steps >= 0, f"--max-bad-steps must be >= 0, got {self.max_bad_steps}")
+        _check(not (self.checkpoint_every and self.data.dali), "--checkpoint-every needs the torchvision loader: DALI "
+               "cannot restart mid-epoch (drop --dali, or checkpoint at epoch ends only)")
+        _check(not (self.deterministic and self.data.dali), "--deterministic needs the torchvision loader (drop --dali)")
         _check(self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}")
         e1 = self.switch_epoch
         _check(0 <= e1 <= self.epochs, f"--stage1-epochs must be in [0, --epochs={self.epochs}], got {e1}")

@@ -3,6 +3,7 @@ loss terms."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -12,7 +13,7 @@ from tqdm import tqdm
 
 from .errors import RunError
 
-__all__ = ["TrainStep", "train_one_epoch", "evaluate", "cosine_schedule", "autocast", "make_optimizer"]
+__all__ = ["TrainStep", "EpochState", "train_one_epoch", "evaluate", "cosine_schedule", "autocast", "make_optimizer"]
 
 
 def autocast(device: torch.device, enabled: bool, dtype: torch.dtype = torch.bfloat16):
@@ -21,9 +22,9 @@ def autocast(device: torch.device, enabled: bool, dtype: torch.dtype = torch.bfl
 
 
 def make_optimizer(groups: list[dict], lr: float, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW: the fused implementation on CUDA, the multi-tensor (foreach) one elsewhere."""
-    cuda = device.type == "cuda"
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), fused=cuda, foreach=not cuda)
+    """AdamW, the fused implementation (CUDA and CPU): it can skip a step on a device-side flag (found_inf),
+    which is how a non-finite loss is skipped without waiting for the device."""
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), fused=True)
 
 
 def cosine_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, min_ratio: float = 0.01):
@@ -41,8 +42,10 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_s
 class TrainStep:
     """One optimisation step: forward + criterion(inputs, outputs, labels) under autocast (compiled as one
     graph with --compile: the student, the DearKD loss and the teacher it runs), backward, optional
-    clipping, optimizer and schedule. fp16 autocast uses a gradient scaler; bf16 needs none. Nothing in
-    the step waits for the device: the returned loss is a detached device tensor."""
+    clipping, optimizer and schedule. fp16 autocast uses a gradient scaler; bf16 needs none. A non-finite
+    loss skips the update (a fused optimizer reads the device-side flag; the scaler skips non-finite
+    gradients itself); the schedule still advances. Nothing in the step waits for the device: the returned
+    loss is a detached device tensor, and `finite` its device-side flag."""
 
     def __init__(self, model: nn.Module, criterion: Callable, optimizer: torch.optim.Optimizer, scheduler, *,
                  device: torch.device, amp: bool = False, amp_dtype: torch.dtype = torch.bfloat16,
@@ -61,6 +64,7 @@ class TrainStep:
 
     def __call__(self, images: Tensor, labels: Tensor) -> Tensor:
         loss = self.forward_loss(images, labels)
+        self.finite = torch.isfinite(loss.detach())
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
@@ -73,39 +77,98 @@ class TrainStep:
             loss.backward()
             if self.max_norm:
                 torch.nn.utils.clip_grad_norm_(self.params, self.max_norm)
-            self.optimizer.step()
+            if self.optimizer.defaults.get("fused"):
+                self.optimizer.found_inf = (~self.finite).float()  # read on the device by the fused kernel
+                try:
+                    self.optimizer.step()
+                finally:
+                    del self.optimizer.found_inf
+            else:
+                self.optimizer.step()
         self.scheduler.step()
         return loss.detach()
 
 
+@dataclass
+class EpochState:
+    """Where an epoch stands, as device tensors (nothing waits for the device to update it): steps done,
+    the sample-weighted sums of every loss term over the finite steps, samples in them, steps skipped for a
+    non-finite loss, and the longest run of consecutive skipped steps so far. A checkpoint stores it, so a
+    run resumed mid-epoch reports the same epoch means as one never interrupted."""
+
+    step: int = 0
+    sums: dict = field(default_factory=dict)
+    seen: Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float64))
+    skipped: Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.long))
+    bad_run: Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.long))
+    worst_run: Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.long))
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "sums": dict(self.sums), "seen": self.seen, "skipped": self.skipped,
+                "bad_run": self.bad_run, "worst_run": self.worst_run}
+
+    @classmethod
+    def from_dict(cls, d: dict | None, device: torch.device) -> EpochState:
+        if not d:
+            return cls(seen=torch.zeros((), dtype=torch.float64, device=device),
+                       skipped=torch.zeros((), dtype=torch.long, device=device),
+                       bad_run=torch.zeros((), dtype=torch.long, device=device),
+                       worst_run=torch.zeros((), dtype=torch.long, device=device))
+        return cls(d["step"], {k: v.to(device) for k, v in d["sums"].items()},
+                   *(d[k].to(device) for k in ("seen", "skipped", "bad_run", "worst_run")))
+
+    def add(self, terms: dict[str, Tensor], n: int, finite: Tensor) -> None:
+        """One step's terms (weighted by its n samples) if its loss was finite; else count it skipped."""
+        self.step += 1
+        for k, v in terms.items():
+            self.sums[k] = self.sums.get(k, torch.zeros((), device=v.device)) + torch.where(finite, v.float() * n, 0.0)
+        self.seen = self.seen + finite.double() * n
+        bad = (~finite).long()
+        self.skipped = self.skipped + bad
+        self.bad_run = (self.bad_run + 1) * bad
+        self.worst_run = torch.maximum(self.worst_run, self.bad_run)
+
+
 def train_one_epoch(step: TrainStep, loader, *, mixup_fn: Callable | None = None, desc: str = "train",
-                    progress: bool = True) -> dict[str, float]:
-    """One pass over loader with `step`; returns the sample-weighted mean of every term in the
-    criterion's last_terms (plus "lr"). Host syncs: one every 10 steps for the progress bar (none
-    without it), and one per term at the end of the epoch."""
+                    progress: bool = True, state: EpochState | None = None, max_bad_steps: int = 0,
+                    after_step: Callable[[EpochState], None] | None = None) -> dict[str, float]:
+    """One pass over loader with `step` (from `state`, the steps already done, when resuming mid-epoch);
+    returns the sample-weighted mean over the finite steps of every term in the criterion's last_terms,
+    plus "lr" and "skipped_steps". `after_step(state)` runs after every step (checkpoints, stop requests).
+    A RunError stops the run once `max_bad_steps` (> 0) non-finite losses came in a row; that is checked
+    where the loop reads the device anyway (every 10 steps with a progress bar, and at the end). Host
+    syncs: one every 10 steps for the progress bar (none without it), and one per term at the end."""
     step.model.train()
     if isinstance(step.criterion, nn.Module):
         step.criterion.train()
-    sums: dict[str, Tensor] = {}
-    seen = 0
-    bar = tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
-    for i, (images, labels) in enumerate(bar):
+    state = state if state is not None else EpochState.from_dict(None, next(iter(step.params)).device)
+    bar = tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True, initial=state.step,
+               total=state.step + len(loader) if hasattr(loader, "__len__") else None)
+    for images, labels in bar:
         if mixup_fn is not None:
             images, labels = mixup_fn(images, labels)
         loss = step(images, labels)
-        n = images.shape[0]
-        seen += n
-        for k, v in getattr(step.criterion, "last_terms", {"loss": loss}).items():
-            sums[k] = sums.get(k, 0.0) + v.float() * n
-        if progress and i % 10 == 0:
+        state.add(getattr(step.criterion, "last_terms", {"loss": loss}), images.shape[0], step.finite)
+        if progress and state.step % 10 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{step.optimizer.param_groups[0]['lr']:.2e}")
+            _check_bad_run(state, max_bad_steps)
+        if after_step is not None:
+            after_step(state)
+    _check_bad_run(state, max_bad_steps)
+    seen = state.seen.item()
     if seen == 0:
-        raise RunError("the training loader yielded no batch (fewer images than one batch?)")
-    out = {k: (v / seen).item() for k, v in sums.items()}
-    if not math.isfinite(out["loss"]):
-        raise RunError(f"training loss is {out['loss']} (diverged); lower --lr or use --max-norm")
+        raise RunError("the training loader yielded no batch with a finite loss (fewer images than one batch?)")
+    out = {k: (v / seen).item() for k, v in state.sums.items()}
     out["lr"] = step.optimizer.param_groups[0]["lr"]
+    out["skipped_steps"] = int(state.skipped.item())
     return out
+
+
+def _check_bad_run(state: EpochState, max_bad_steps: int) -> None:
+    if max_bad_steps > 0 and state.worst_run.item() >= max_bad_steps:
+        raise RunError(f"{int(state.worst_run.item())} steps in a row had a non-finite loss (skipped) by step "
+                       f"{state.step} of the epoch; the last checkpoint is intact: lower --lr or use --max-norm, then "
+                       "--resume")
 
 
 @torch.no_grad()

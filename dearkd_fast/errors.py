@@ -44,3 +44,11 @@ class RunError(DearKDError, RuntimeError):
 class Terminated(KeyboardInterrupt):
     """Not an error: SIGTERM, raised in the main thread by the command-line tools so that a run unwinds
     as on Ctrl-C (loader workers shut down, no file torn) and exits 143."""
+
+
+class Stopped(KeyboardInterrupt):
+    """A run asked to stop (SIGINT or SIGTERM) that checkpointed at the next step boundary first."""
+
+    def __init__(self, signum: int, where: str):
+        super().__init__(where)
+        self.signum, self.where = signum, where

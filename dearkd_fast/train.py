@@ -24,10 +24,10 @@ from tqdm import tqdm
 
 from . import config, engine, ops
 from .checkpoint import atomic_save, atomic_write_json, load_checkpoint, rng_state, set_rng_state
-from .cli import OutputFolder, run_cli
+from .cli import OutputFolder, StopRequest, run_cli
 from .config import TrainConfig
 from .data import DataBundle, InputSpec, build_data
-from .errors import CheckpointError, InputError
+from .errors import CheckpointError, InputError, Stopped
 from .losses import DearKDLoss, SupervisedLoss
 from .models.student import save_student
 from .models.teacher import Teacher, TeacherSpec, check_teacher_arch, create_teacher_model, has_module, load_teacher, save_teacher
@@ -37,7 +37,7 @@ DESCRIPTION = __doc__.split("\n\n")[0]
 RUN_FILES = ("summary.json", "metrics.jsonl", "checkpoint.pt", "student.pt", "teacher.pt")
 # flags that may differ on --resume without making the result inconsistent (--epochs may also grow)
 RESUME_FREE = frozenset({"output", "resume", "overwrite", "workers", "no_progress", "device", "compile", "compile_mode",
-                         "backend"})
+                         "backend", "checkpoint_every", "keep_checkpoints", "max_bad_steps", "deterministic"})
 log = tqdm.write
 
 
@@ -55,8 +55,10 @@ class Student:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     step: engine.TrainStep
+    steps_per_epoch: int = 0
     records: list[dict] = field(default_factory=list)
     start_epoch: int = 0
+    resume_state: dict | None = None  # the epoch state of a mid-epoch checkpoint
 
 
 # ---------------------------------------------------------------------------------------------- steps
@@ -185,12 +187,13 @@ def build_student(cfg: TrainConfig, num_classes: int, teacher: Teacher | None, s
     step = engine.TrainStep(model, criterion, optimizer, scheduler, device=device, amp=cfg.run.amp,
                             amp_dtype=cfg.run.autocast_dtype, max_norm=cfg.max_norm, compile=cfg.run.compile,
                             compile_mode=cfg.run.compile_mode)
-    return Student(model, criterion, optimizer, scheduler, step)
+    return Student(model, criterion, optimizer, scheduler, step, steps_per_epoch)
 
 
 def resume(out: OutputFolder, s: Student, ck: dict | None) -> None:
-    """Restore the last finished epoch of checkpoint `ck` (weights, optimizer, schedule, records, RNG)
-    and cut metrics.jsonl back to it; for a new run (ck None) start metrics.jsonl empty."""
+    """Restore checkpoint `ck` (weights, optimizer, schedule, scaler, records, RNG; a mid-epoch one also
+    the epoch's position and partial sums) and cut metrics.jsonl back to its finished epochs; for a new
+    run (ck None) start metrics.jsonl empty."""
     metrics = out.path("metrics.jsonl")
     if ck is not None:
         try:
@@ -203,43 +206,94 @@ def resume(out: OutputFolder, s: Student, ck: dict | None) -> None:
         except (RuntimeError, ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"--resume: checkpoint.pt in '{out.root}' does not fit this model "
                                   f"({type(e).__name__}); resume with the run's original flags") from None
-        s.records, s.start_epoch = ck["records"], ck["epoch"] + 1
-        log(f"resumed from epoch {s.start_epoch}")
+        s.records, s.resume_state = ck["records"], ck.get("epoch_state")
+        s.start_epoch = ck["epoch"] + (0 if s.resume_state else 1)
+        at = f"epoch {s.start_epoch + 1}, step {s.resume_state['step']}" if s.resume_state else f"epoch {s.start_epoch}"
+        log(f"resumed after {at}")
     with open(metrics, "w") as f:  # drop lines of epochs after the checkpoint
         f.writelines(json.dumps(r) + "\n" for r in s.records)
 
 
 def fit(cfg: TrainConfig, out: OutputFolder, s: Student, data: DataBundle, teacher: Teacher | None,
         device: torch.device) -> None:
-    """Stage 1 for epochs < E1, stage 2 after; one record per epoch, appended to metrics.jsonl, and a
-    checkpoint at every epoch end."""
+    """Stage 1 for epochs < E1, stage 2 after; one record per epoch, appended to metrics.jsonl; a
+    checkpoint at every epoch end, every --checkpoint-every steps, and on SIGINT / SIGTERM at the next
+    step boundary (then Stopped)."""
     mix = mixup_fn(cfg, len(data.classes))
-    for epoch in range(s.start_epoch, cfg.epochs):
-        stage = 1 if epoch < cfg.switch_epoch else 2
-        s.criterion.set_stage(stage)
-        if stage == 2 and teacher is not None:
-            teacher.offload()  # never run again: its memory goes back to the device
-        data.train.set_epoch(epoch)
-        t0, calls0 = time.time(), teacher.calls if teacher is not None else 0
-        train = engine.train_one_epoch(s.step, data.train, mixup_fn=mix, progress=cfg.run.progress,
-                                       desc=f"stage {stage} epoch {epoch + 1}/{cfg.epochs}")
-        train_time = time.time() - t0
-        val = engine.evaluate(s.model, data.val, device=device, amp=cfg.run.amp, amp_dtype=cfg.run.autocast_dtype,
-                              progress=cfg.run.progress)
-        rec = {"epoch": epoch, "stage": stage, "train": train, "val_top1": val["top1"], "val_top5": val["top5"],
-               "val_loss": val["loss"], "num_val_samples": val["num_samples"], "train_time_s": round(train_time, 3),
-               "images_per_s": round(data.num_train / max(train_time, 1e-9), 1),
-               "teacher_calls": (teacher.calls - calls0) if teacher is not None else 0}
-        s.records.append(rec)
-        with open(out.path("metrics.jsonl"), "a") as f:
-            f.write(json.dumps(rec) + "\n")
-        terms = "  ".join(f"{k} {v:.4f}" for k, v in train.items() if k != "lr")
-        log(f"epoch {epoch + 1}/{cfg.epochs} stage {stage}  {terms}  val top-1 {val['top1']:.2f}%  ({train_time:.1f}s)")
-        atomic_save({"epoch": epoch, "student": s.model.state_dict(),
-                     "optimizer": s.optimizer.state_dict(), "scheduler": s.scheduler.state_dict(), "records": s.records,
-                     "rng": rng_state(), "args": config.flat(cfg), "classes": data.classes,
-                     "scaler": s.step.scaler.state_dict() if s.step.scaler is not None else None},
-                    out.path("checkpoint.pt"))
+    with StopRequest() as stop:
+        for epoch in range(s.start_epoch, cfg.epochs):
+            stage = 1 if epoch < cfg.switch_epoch else 2
+            s.criterion.set_stage(stage)
+            if stage == 2 and teacher is not None:
+                teacher.offload()  # never run again: its memory goes back to the device
+            resumed = s.resume_state if epoch == s.start_epoch else None
+            state = engine.EpochState.from_dict(resumed, device)
+            data.train.set_epoch(epoch, state.step)
+            t0, calls0 = time.time(), teacher.calls if teacher is not None else 0
+
+            def after_step(st: engine.EpochState, epoch: int = epoch) -> None:
+                if cfg.checkpoint_every and (epoch * s.steps_per_epoch + st.step) % cfg.checkpoint_every == 0:
+                    save_checkpoint(cfg, out, s, data, epoch, st)
+                if stop.signum is not None:
+                    save_checkpoint(cfg, out, s, data, epoch, st)
+                    raise Stopped(stop.signum, f"at epoch {epoch + 1}, step {st.step}")
+
+            train = engine.train_one_epoch(s.step, data.train, mixup_fn=mix, progress=cfg.run.progress, state=state,
+                                           max_bad_steps=cfg.max_bad_steps, after_step=after_step,
+                                           desc=f"stage {stage} epoch {epoch + 1}/{cfg.epochs}")
+            train_time = time.time() - t0
+            val = engine.evaluate(s.model, data.val, device=device, amp=cfg.run.amp, amp_dtype=cfg.run.autocast_dtype,
+                                  progress=cfg.run.progress)
+            record_epoch(cfg, out, s, data, {"epoch": epoch, "stage": stage, "train": train, **val},
+                         train_time, (teacher.calls - calls0) if teacher is not None else 0)
+            save_checkpoint(cfg, out, s, data, epoch, None)
+
+
+def record_epoch(cfg: TrainConfig, out: OutputFolder, s: Student, data: DataBundle, r: dict, train_time: float,
+                 teacher_calls: int) -> None:
+    """Append an epoch's record (train means, validation metrics, timing) to the records and metrics.jsonl."""
+    train = r["train"]
+    rec = {"epoch": r["epoch"], "stage": r["stage"], "train": train, "val_top1": r["top1"], "val_top5": r["top5"],
+           "val_loss": r["loss"], "num_val_samples": r["num_samples"], "train_time_s": round(train_time, 3),
+           "images_per_s": round(data.num_train / max(train_time, 1e-9), 1), "teacher_calls": teacher_calls}
+    s.records.append(rec)
+    with open(out.path("metrics.jsonl"), "a") as f:
+        f.write(json.dumps(rec) + "\n")
+    terms = "  ".join(f"{k} {v:.4f}" for k, v in train.items() if k not in ("lr", "skipped_steps"))
+    skipped = f", {train['skipped_steps']} non-finite steps skipped" if train["skipped_steps"] else ""
+    log(f"epoch {r['epoch'] + 1}/{cfg.epochs} stage {r['stage']}  {terms}  val top-1 {r['top1']:.2f}%  "
+        f"({train_time:.1f}s{skipped})")
+
+
+def save_checkpoint(cfg: TrainConfig, out: OutputFolder, s: Student, data: DataBundle, epoch: int,
+                    state: engine.EpochState | None) -> None:
+    """checkpoint.pt (atomic): everything to continue exactly: student (projections included), optimizer,
+    schedule, scaler, records, RNG, and for a mid-epoch one (state given) the epoch's position and partial
+    sums; never the teacher (the run's teacher.pt, or --teacher-ckpt, is read again). With
+    --keep-checkpoints N > 1 the newest N are also kept as checkpoint-<step>.pt (checkpoint.pt links the newest)."""
+    ck = {"epoch": epoch, "epoch_state": state.state_dict() if state is not None else None,
+          "global_step": epoch * s.steps_per_epoch + (state.step if state is not None else s.steps_per_epoch),
+          "student": s.model.state_dict(), "optimizer": s.optimizer.state_dict(), "scheduler": s.scheduler.state_dict(),
+          "records": s.records, "rng": rng_state(), "args": config.flat(cfg), "classes": data.classes,
+          "scaler": s.step.scaler.state_dict() if s.step.scaler is not None else None}
+    if cfg.keep_checkpoints == 1:
+        atomic_save(ck, out.path("checkpoint.pt"))
+        return
+    name = f"checkpoint-{ck['global_step']:09d}.pt"
+    atomic_save(ck, out.path(name))
+    link_latest(out, name, "checkpoint.pt")
+    kept = sorted(f for f in os.listdir(out.root) if f.startswith("checkpoint-") and f.endswith(".pt"))
+    for old in kept[:-cfg.keep_checkpoints]:
+        os.remove(os.path.join(out.root, old))
+
+
+def link_latest(out: OutputFolder, name: str, link: str) -> None:
+    """Point `link` at `name` atomically (a hard link renamed over it): never a moment without one."""
+    tmp = os.path.join(out.root, f".tmp-{link}")
+    if os.path.exists(tmp):
+        os.remove(tmp)
+    os.link(os.path.join(out.root, name), tmp)
+    os.replace(tmp, out.path(link))
 
 
 def finalise(cfg: TrainConfig, out: OutputFolder, s: Student, data: DataBundle, inputs: InputSpec,
@@ -279,6 +333,16 @@ def run(cfg: TrainConfig) -> dict:
     t_start = time.time()
     out, ck = check_inputs(cfg)
     device = cfg.run.torch_device
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    if cfg.deterministic:
+        make_deterministic(device)
+    try:
+        return _run(cfg, out, ck, device, t_start)
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
+
+
+def _run(cfg: TrainConfig, out: OutputFolder, ck: dict | None, device: torch.device, t_start: float) -> dict:
     seed_everything(cfg.run.seed)
     data, inputs = load_data(cfg, device)
     teacher = prepare_teacher(cfg, out, data, inputs, device)
@@ -289,6 +353,14 @@ def run(cfg: TrainConfig) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- pieces
+
+
+def make_deterministic(device: torch.device) -> None:
+    """Deterministic algorithms only (an op without one raises), no cuDNN autotuning."""
+    if device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(True)
 
 
 def seed_everything(seed: int) -> None:

@@ -80,10 +80,11 @@ class DeviceLoader:
             if x is not None:
                 yield x.to(self.device, non_blocking=nb), y.to(self.device, non_blocking=nb)
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Position the training order at batch `start` of `epoch` (a resumed run starts mid-epoch)."""
         sampler = getattr(self.loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
+            sampler.set_epoch(epoch, start)
 
 
 def _file_lists(cfg: DataConfig, seed: int, progress: bool):

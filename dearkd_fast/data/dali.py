@@ -97,8 +97,10 @@ class DaliLoader:
             raise RunError(f"DALI could not read '{gone}': it vanished or changed after the scan (DALI cannot skip "
                            "files; restore it, or use the torchvision loader, which skips and counts them)") from e
 
-    def set_epoch(self, epoch: int) -> None:  # the reader reshuffles itself after every epoch
-        pass
+    def set_epoch(self, epoch: int, start: int = 0) -> None:  # the reader reshuffles itself after every epoch
+        if start:
+            raise RunError("DALI cannot restart mid-epoch; resume this run from an epoch-end checkpoint (or use "
+                           "the torchvision loader, without --dali)")
 
 
 def build_dali_loader(samples: list[tuple[str, int]], *, batch_size: int, train: bool, inputs: InputSpec,

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import math
+import random
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from torchvision import transforms as T
@@ -14,12 +16,16 @@ from .folder import load_rgb
 if TYPE_CHECKING:
     from . import InputSpec
 
-__all__ = ["ImageListDataset", "train_transform", "eval_transform", "build_torch_loader", "ShardSampler", "shard_bounds"]
+__all__ = ["ImageListDataset", "train_transform", "eval_transform", "build_torch_loader", "ShardSampler", "shard_bounds",
+           "EpochSampler"]
 
 
 class ImageListDataset(Dataset):
     """(path, label) samples decoded to 8-bit RGB (load_rgb). A file that can no longer be read (deleted
-    or changed since the scan) gives (None, path) instead of an image: collate_present drops it."""
+    or changed since the scan) gives (None, path) instead of an image: collate_present drops it. An index
+    given as (i, seed) (EpochSampler) runs the transform under that seed (Python, NumPy and torch
+    generators, restored afterwards): a sample's augmentation depends on (run seed, epoch, index) only,
+    not on workers or on where a run was resumed."""
 
     def __init__(self, samples: list[tuple[str, int]], transform=None):
         self.samples = samples
@@ -28,13 +34,58 @@ class ImageListDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, key):
+        i, seed = key if isinstance(key, tuple) else (key, None)
         path, label = self.samples[i]
         try:
             img = load_rgb(path)
         except OSError:  # vanished, truncated or replaced since the scan: skipped and counted
             return None, path
-        return (self.transform(img) if self.transform else img), label
+        if self.transform is None:
+            return img, label
+        if seed is None:
+            return self.transform(img), label
+        return _seeded(self.transform, img, seed), label
+
+
+def _seeded(fn, x, seed: int):
+    py, npy, th = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    try:
+        return fn(x)
+    finally:
+        random.setstate(py)
+        np.random.set_state(npy)
+        torch.set_rng_state(th)
+
+
+class EpochSampler(Sampler):
+    """The training order: a permutation drawn from (seed, epoch) alone, cut to whole global batches,
+    rank r of W taking every W-th index (each image once per epoch across ranks), yielded as
+    (index, per-sample seed) from batch `start` on. set_epoch(epoch, start) positions it, so a run
+    resumed mid-epoch sees exactly the batches an uninterrupted run would."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        self.n, self.batch_size, self.seed, self.rank, self.world_size = n, batch_size, seed, rank, world_size
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def per_rank(self) -> int:
+        return (self.n // (self.batch_size * self.world_size)) * self.batch_size
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.n, generator=g)[: self.per_rank() * self.world_size][self.rank::self.world_size]
+        base = (self.seed * 1_000_003 + self.epoch) * 1_000_003
+        for i in order[self.start * self.batch_size:].tolist():
+            yield i, base + i
+
+    def __len__(self) -> int:
+        return self.per_rank() - self.start * self.batch_size
 
 
 def collate_present(batch: list) -> tuple:
@@ -94,16 +145,14 @@ class ShardSampler(Sampler[int]):
 
 def build_torch_loader(samples, transform, *, batch_size: int, train: bool, workers: int, seed: int,
                        rank: int = 0, world_size: int = 1, pin_memory: bool = False) -> DataLoader:
-    """Train: shuffled (seeded), drop_last; eval: every sample of this shard exactly once, in order.
+    """Train: EpochSampler (shuffled by seed and epoch, whole batches); eval: every sample of this shard
+    exactly once, in order.
     Batches are (images, labels, unreadable paths) (collate_present)."""
     ds = ImageListDataset(samples, transform)
     g = torch.Generator().manual_seed(seed)
     if train:
-        sampler = None
-        if world_size > 1:
-            sampler = torch.utils.data.DistributedSampler(ds, world_size, rank, shuffle=True, seed=seed, drop_last=True)
-        return DataLoader(ds, batch_size=batch_size, shuffle=sampler is None, sampler=sampler, drop_last=len(ds) >= batch_size,
-                          num_workers=workers, pin_memory=pin_memory, generator=g, persistent_workers=workers > 0,
-                          collate_fn=collate_present)
+        sampler = EpochSampler(len(ds), batch_size, seed, rank, world_size)
+        return DataLoader(ds, batch_size=batch_size, sampler=sampler, drop_last=True, num_workers=workers,
+                          pin_memory=pin_memory, generator=g, persistent_workers=workers > 0, collate_fn=collate_present)
     return DataLoader(ds, batch_size=batch_size, sampler=ShardSampler(len(ds), rank, world_size), drop_last=False,
                       num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0, collate_fn=collate_present)

@@ -1,0 +1,157 @@
+"""Never lose work: exact resume after SIGKILL (mid-epoch included), non-finite losses skipped and
+counted, SIGINT checkpoints at the next step, and a live run's output folder refused to a second run."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from dearkd_fast import engine, train
+from dearkd_fast.cli import OutputFolder
+from dearkd_fast.testing import make_student, make_teacher
+
+FLAGS = ["--data-fraction", "0.12", "--batch-size", "32", "--workers", "0", "--no-progress", "--warmup-epochs", "0",
+         "--epochs", "3", "--stage1-epochs", "2", "--deterministic", "--checkpoint-every", "2", "--mixup", "0.2"]
+UNTIMED = ("train_time_s", "images_per_s", "teacher_calls")
+
+# the trainer in a child process, SIGKILLed (or sent SIGINT) at its N-th training step, after the forward
+CHILD = """
+import os, signal, sys
+from dearkd_fast import engine, train
+sig, at, argv = getattr(signal, sys.argv[1]), [int(a) for a in sys.argv[2].split(",")], sys.argv[3:]
+orig, calls = engine.TrainStep.__call__, [0]
+def call(self, x, y):
+    calls[0] += 1
+    for _ in range(at.count(calls[0])):
+        os.kill(os.getpid(), sig)
+    return orig(self, x, y)
+engine.TrainStep.__call__ = call
+sys.exit(train.main(argv))
+"""
+
+
+@pytest.fixture(scope="module")
+def teacher_pt(tmp_path_factory):
+    out = tmp_path_factory.mktemp("teacher") / "t"
+    assert train.main(["--data-fraction", "0.12", "--batch-size", "32", "--workers", "0", "--no-progress",
+                       "--teacher-epochs", "1", "--epochs", "1", "--output", str(out)]) == 0
+    return str(out / "teacher.pt")
+
+
+def _child(tmp_path, name, sig, at, *extra):
+    argv = FLAGS + ["--output", str(tmp_path / name), *extra]
+    return subprocess.run([sys.executable, "-c", CHILD, sig, ",".join(map(str, at)), *argv], capture_output=True,
+                          text=True, timeout=300)
+
+
+def _same_run(a, b):
+    wa = torch.load(a / "student.pt", weights_only=True)["model"]
+    wb = torch.load(b / "student.pt", weights_only=True)["model"]
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    sa, sb = (json.loads((d / "summary.json").read_text()) for d in (a, b))
+    strip = [[{k: v for k, v in r.items() if k not in UNTIMED} for r in s["epochs"]] for s in (sa, sb)]
+    assert strip[0] == strip[1] and sa["final_top1"] == sb["final_top1"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_at", [8, 10])  # epoch 2, step 3 (mid-step, after a mid-epoch checkpoint); epoch 2's end
+def test_sigkill_anywhere_then_resume_is_bit_identical(tmp_path, teacher_pt, kill_at):
+    t = ["--teacher-ckpt", teacher_pt]
+    assert train.main(FLAGS + t + ["--output", str(tmp_path / "full")]) == 0
+    killed = _child(tmp_path, "killed", "SIGKILL", [kill_at], *t)
+    assert killed.returncode == -signal.SIGKILL
+    ck = torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=True)
+    assert ck["global_step"] < 15 and "teacher" not in str(list(ck))
+    if kill_at == 8:
+        assert ck["epoch_state"] is not None and ck["epoch_state"]["step"] == 1  # a mid-epoch checkpoint
+    assert train.main(FLAGS + t + ["--output", str(tmp_path / "killed"), "--resume"]) == 0
+    _same_run(tmp_path / "full", tmp_path / "killed")
+
+
+@pytest.mark.slow
+def test_sigint_checkpoints_at_the_next_step_and_a_second_one_stops_at_once(tmp_path, teacher_pt):
+    t = ["--teacher-ckpt", teacher_pt]
+    first = _child(tmp_path, "int", "SIGINT", [7], *t)
+    assert first.returncode == 130, first.stderr
+    assert first.stderr.count("\n") == 1 and "stopped (Ctrl-C) at epoch 2, step 2" in first.stderr
+    assert "--resume" in first.stderr
+    ck = torch.load(tmp_path / "int" / "checkpoint.pt", weights_only=True)
+    assert ck["epoch"] == 1 and ck["epoch_state"]["step"] == 2  # written at the step boundary after the signal
+    assert train.main(FLAGS + t + ["--output", str(tmp_path / "int"), "--resume"]) == 0
+    assert train.main(FLAGS + t + ["--output", str(tmp_path / "full")]) == 0
+    _same_run(tmp_path / "full", tmp_path / "int")
+    twice = _child(tmp_path, "twice", "SIGINT", [7, 7], *t)
+    assert twice.returncode == 130 and "interrupted (Ctrl-C)" in twice.stderr
+    torch.load(tmp_path / "twice" / "checkpoint.pt", weights_only=True)  # whole: the last atomic write
+    assert not [f for f in os.listdir(tmp_path / "twice") if f.startswith(".tmp-") and "checkpoint" in f]
+
+
+def test_a_non_finite_step_changes_nothing_and_is_counted():
+    torch.manual_seed(0)
+    teacher = make_teacher(5)
+    student = make_student(5, teacher=teacher)
+    crit = train.DearKDLoss(torch.nn.CrossEntropyLoss(), teacher)
+    opt = engine.make_optimizer([{"params": list(student.parameters())}], 1e-3, torch.device("cpu"))
+    step = engine.TrainStep(student, crit, opt, engine.cosine_schedule(opt, 0, 10), device=torch.device("cpu"))
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 5, (4,))
+    step(x, y)
+    before = [p.detach().clone() for p in student.parameters()]
+    moments = [opt.state[p]["exp_avg"].clone() for p in student.parameters()]
+    state = engine.EpochState.from_dict(None, torch.device("cpu"))
+    loss = step(x * float("nan"), y)
+    state.add(crit.last_terms, 4, step.finite)
+    assert not torch.isfinite(loss) and not bool(step.finite)
+    assert all(torch.equal(a, p) for a, p in zip(before, student.parameters()))
+    assert all(torch.equal(m, opt.state[p]["exp_avg"]) for m, p in zip(moments, student.parameters()))
+    assert int(state.skipped) == 1 and float(state.seen) == 0 and all(float(v) == 0 for v in state.sums.values())
+
+
+@pytest.mark.slow
+def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path, teacher_pt, monkeypatch, capsys):
+    real = engine.TrainStep._forward_loss
+    calls = []
+
+    def poisoned(self, images, labels, bad=(3,)):
+        calls.append(1)
+        loss = real(self, images, labels)
+        return loss * float("nan") if len(calls) in bad or len(calls) > 12 else loss
+
+    monkeypatch.setattr(engine.TrainStep, "_forward_loss", poisoned)
+    t = ["--teacher-ckpt", teacher_pt, "--checkpoint-every", "0"]
+    assert train.main(FLAGS + t + ["--epochs", "2", "--stage1-epochs", "1", "--output", str(tmp_path / "one")]) == 0
+    epochs = json.loads((tmp_path / "one" / "summary.json").read_text())["epochs"]
+    assert [r["train"]["skipped_steps"] for r in epochs] == [1, 0]
+    assert all(v == v for r in epochs for v in r["train"].values())  # the means hold no NaN
+    calls.clear()
+    rc = train.main(FLAGS + t + ["--max-bad-steps", "3", "--output", str(tmp_path / "bad")])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.count("\n") == 1 and "non-finite" in err
+    ck = torch.load(tmp_path / "bad" / "checkpoint.pt", weights_only=True)  # the last good one: epoch 2's end
+    assert ck["epoch"] == 1 and ck["epoch_state"] is None
+    assert all(torch.isfinite(v).all() for v in ck["student"].values())
+
+
+def test_a_live_runs_output_is_refused_and_a_dead_runs_is_not(tmp_path, capsys):
+    out = tmp_path / "held"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from dearkd_fast.cli import claim; "
+                               f"claim({str(out)!r}); print('held', flush=True); time.sleep(120)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert train.main(["--output", str(out), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "in use by a running job" in err and str(holder.pid) in err
+    finally:
+        holder.kill()  # a crash: the kernel drops the lock, nothing stale is left
+        holder.wait()
+    deadline = time.time() + 10
+    OutputFolder.open(str(out), "dearkd_fast.train", resume=False, overwrite=False, resume_file="checkpoint.pt")
+    assert time.time() < deadline
+    from dearkd_fast.cli import release_claims
+
+    release_claims()
