@@ -11,6 +11,7 @@ import torch.nn as nn
 from torch import Tensor
 from tqdm import tqdm
 
+from . import distributed
 from .errors import RunError
 
 __all__ = ["TrainStep", "EpochState", "train_one_epoch", "evaluate", "cosine_schedule", "autocast", "make_optimizer"]
@@ -151,23 +152,32 @@ def train_one_epoch(step: TrainStep, loader, *, mixup_fn: Callable | None = None
         state.add(getattr(step.criterion, "last_terms", {"loss": loss}), images.shape[0], step.finite)
         if progress and state.step % 10 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{step.optimizer.param_groups[0]['lr']:.2e}")
-            _check_bad_run(state, max_bad_steps)
+            if not _distributed():  # under torchrun the ranks stop together, at the epoch end
+                _check_bad_run(state.worst_run, state.step, max_bad_steps)
         if after_step is not None:
             after_step(state)
-    _check_bad_run(state, max_bad_steps)
-    seen = state.seen.item()
+    # every rank's sums: the epoch means are over all ranks' samples (identity in one process)
+    sums = {k: distributed.all_sum(v) for k, v in sorted(state.sums.items())}
+    seen_t, skipped = distributed.all_sum(state.seen), distributed.all_sum(state.skipped)
+    _check_bad_run(distributed.all_max(state.worst_run), state.step, max_bad_steps)
+    seen = seen_t.item()
     if seen == 0:
         raise RunError("the training loader yielded no batch with a finite loss (fewer images than one batch?)")
-    out = {k: (v / seen).item() for k, v in state.sums.items()}
+    out = {k: (v / seen).item() for k, v in sums.items()}
     out["lr"] = step.optimizer.param_groups[0]["lr"]
-    out["skipped_steps"] = int(state.skipped.item())
+    out["skipped_steps"] = int(skipped.item())
     return out
 
 
-def _check_bad_run(state: EpochState, max_bad_steps: int) -> None:
-    if max_bad_steps > 0 and state.worst_run.item() >= max_bad_steps:
-        raise RunError(f"{int(state.worst_run.item())} steps in a row had a non-finite loss (skipped) by step "
-                       f"{state.step} of the epoch; the last checkpoint is intact: lower --lr or use --max-norm, then "
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _check_bad_run(worst_run: Tensor, at_step: int, max_bad_steps: int) -> None:
+    worst = int(worst_run.item()) if max_bad_steps > 0 else 0
+    if max_bad_steps > 0 and worst >= max_bad_steps:
+        raise RunError(f"{worst} steps in a row had a non-finite loss (skipped) by step "
+                       f"{at_step} of the epoch; the last checkpoint is intact: lower --lr or use --max-norm, then "
                        "--resume")
 
 
@@ -189,6 +199,10 @@ def evaluate(model: Callable[[Tensor], Tensor], loader, *, device: torch.device,
         correct1 = correct1 + hit[:, :1].sum()
         correct5 = correct5 + hit.any(dim=1).sum()
         seen += labels.shape[0]
+    # every rank evaluated its own shard: sum the counts (identity in one process)
+    totals = distributed.all_sum(torch.stack([correct1, correct5, loss_sum,
+                                              torch.tensor(float(seen), dtype=torch.float64, device=device)]))
+    correct1, correct5, loss_sum, seen = totals[0], totals[1], totals[2], int(totals[3].item())
     if seen == 0:
         raise RunError("the evaluation loader yielded no sample")
     return {

@@ -11,6 +11,7 @@ run.json lists every file it wrote; --overwrite removes only those).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -24,11 +25,12 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from . import config, engine
+from . import config, distributed, engine
 from .checkpoint import atomic_write, atomic_write_json
 from .cli import OutputFolder, run_cli
 from .config import InvertConfig, SynthesisSettings
 from .data.folder import check_folder_names
+from .distributed import Dist
 from .errors import InputError, RunError
 from .losses import DeepInversionLoss, penultimate
 from .models.student import load_student
@@ -126,24 +128,35 @@ def build_objective(cfg: InvertConfig, model: torch.nn.Module, s: SynthesisSetti
 
 
 def synthesize_all(cfg: InvertConfig, out: OutputFolder, crit: DeepInversionLoss, spec: TeacherSpec,
-                   s: SynthesisSettings, state: dict, device: torch.device) -> None:
-    """Every batch not yet done: optimise it from seed + k, write its PNGs, record it in progress.json."""
+                   s: SynthesisSettings, state: dict, device: torch.device, d: Dist | None = None) -> None:
+    """Every batch not yet done: optimise it from seed + k, write its PNGs, record it in progress.json. Under
+    torchrun the ranks take turns (batch k on rank k mod N, each writing its own images); rank 0 records."""
+    d = d or Dist()
     plan = batches(len(s.targets), s.images_per_class, s.batch_size)
+    todo = [k for k in range(len(plan)) if str(k) not in state["done"]]
     bar = tqdm(total=len(plan), initial=len(state["done"]), desc="batches", disable=not cfg.run.progress, dynamic_ncols=True)
-    for k, ids in enumerate(plan):
-        if str(k) in state["done"]:
-            continue
-        targets = torch.tensor([target_of(s, j) for j in ids], device=device)
-        x, terms = synthesize_batch(crit, targets, s, spec, s.seed + k, device, cfg.run.progress, f"batch {k + 1}/{len(plan)}")
-        if not (torch.isfinite(x).all() and all(math.isfinite(v) for v in terms.values())):
-            raise RunError(f"batch {k + 1}: the objective diverged (loss {terms['loss']}); lower --lr or the "
-                           "coefficients. Finished batches are kept: --resume continues")
-        out.record([os.path.relpath(image_path(out.root, spec, s, j), out.root) for j in ids])
-        save_images(x, ids, out.root, spec, s)
-        state["done"][str(k)] = terms
-        atomic_write_json(state, out.path("progress.json"))
-        bar.update(1)
-        tqdm.write(f"batch {k + 1}/{len(plan)}: " + "  ".join(f"{n} {v:.4g}" for n, v in terms.items()))
+    for r in range(0, len(todo), d.world_size):
+        k = todo[r + d.rank] if r + d.rank < len(todo) else None
+        result = None
+        if k is not None:
+            ids = plan[k]
+            targets = torch.tensor([target_of(s, j) for j in ids], device=device)
+            x, terms = synthesize_batch(crit, targets, s, spec, s.seed + k, device, cfg.run.progress,
+                                        f"batch {k + 1}/{len(plan)}")
+            if not (torch.isfinite(x).all() and all(math.isfinite(v) for v in terms.values())):
+                raise RunError(f"batch {k + 1}: the objective diverged (loss {terms['loss']}); lower --lr or the "
+                               "coefficients. Finished batches are kept: --resume continues")
+            out.record([os.path.relpath(image_path(out.root, spec, s, j), out.root) for j in ids])
+            save_images(x, ids, out.root, spec, s)
+            result = (k, terms, [os.path.relpath(image_path(out.root, spec, s, j), out.root) for j in ids])
+        for done in distributed.gather(result):  # rank 0 records every rank's finished batch
+            if done is None or not d.main:
+                continue
+            out.record(done[2])
+            state["done"][str(done[0])] = done[1]
+            atomic_write_json(state, out.path("progress.json"))
+            bar.update(1)
+            tqdm.write(f"batch {done[0] + 1}/{len(plan)}: " + "  ".join(f"{n} {v:.4g}" for n, v in done[1].items()))
     bar.close()
     crit.close()
 
@@ -177,15 +190,45 @@ def finalise(cfg: InvertConfig, out: OutputFolder, model: torch.nn.Module, spec:
 
 def run(cfg: InvertConfig) -> dict:
     t0 = time.time()
-    check_inputs(cfg)
-    device = cfg.run.torch_device
-    model, spec = load_inversion_teacher(cfg)
-    s = cfg.synthesis(spec.arch, spec.num_classes, spec.input_size)
-    out, state = prepare_output(cfg, s)
-    model = model.to(device)
-    crit = build_objective(cfg, model, s, device)
-    synthesize_all(cfg, out, crit, spec, s, state, device)
-    return finalise(cfg, out, model, spec, s, state, device, t0)
+    d, device = distributed.init(cfg.run.torch_device)
+    if not d.main:  # rank 0 alone shows progress and records; every rank writes its own batches' images
+        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, no_progress=True))
+    try:
+        check_inputs(cfg)
+        model, spec = load_inversion_teacher(cfg)
+        s = cfg.synthesis(spec.arch, spec.num_classes, spec.input_size)
+        out, state = claim_output(cfg, s, d)
+        model = model.to(device)
+        crit = build_objective(cfg, model, s, device)
+        synthesize_all(cfg, out, crit, spec, s, state, device, d)
+        return finalise(cfg, out, model, spec, s, state, device, t0) if d.main else {}
+    finally:
+        distributed.close()
+
+
+def claim_output(cfg: InvertConfig, s: SynthesisSettings, d: Dist) -> tuple[OutputFolder, dict]:
+    """prepare_output on rank 0; its refusal ends every rank the same way; the others get its state (and
+    write only the image files of their batches, which rank 0 records)."""
+    err, res = None, None
+    if d.main:
+        try:
+            res = prepare_output(cfg, s)
+        except InputError as e:
+            err = e
+    msg = distributed.broadcast(str(err) if err is not None else None)
+    if err is not None:
+        raise err
+    if msg is not None:
+        raise InputError(msg)
+    state = distributed.broadcast(res[1] if d.main else None)
+    return (res[0] if d.main else _Unrecorded(cfg.output, PROG)), state
+
+
+class _Unrecorded(OutputFolder):
+    """The output folder seen from a rank other than 0: paths, never the manifest (rank 0 keeps it)."""
+
+    def record(self, relpaths: list[str]) -> None:
+        pass
 
 
 # ---------------------------------------------------------------------------------------------- pieces

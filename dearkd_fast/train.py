@@ -9,6 +9,7 @@ build_student -> resume -> fit -> finalise.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -22,11 +23,12 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from . import config, engine, ops
+from . import config, distributed, engine, ops
 from .checkpoint import atomic_save, atomic_write_json, load_checkpoint, rng_state, set_rng_state
 from .cli import OutputFolder, StopRequest, run_cli
 from .config import TrainConfig
 from .data import DataBundle, InputSpec, build_data
+from .distributed import Dist
 from .errors import CheckpointError, InputError, Stopped
 from .losses import DearKDLoss, SupervisedLoss
 from .models.student import save_student
@@ -38,7 +40,12 @@ RUN_FILES = ("summary.json", "metrics.jsonl", "checkpoint.pt", "student.pt", "te
 # flags that may differ on --resume without making the result inconsistent (--epochs may also grow)
 RESUME_FREE = frozenset({"output", "resume", "overwrite", "workers", "no_progress", "device", "compile", "compile_mode",
                          "backend", "checkpoint_every", "keep_checkpoints", "max_bad_steps", "deterministic"})
-log = tqdm.write
+DIST = Dist()  # this process's place under torchrun (one process without it)
+
+
+def log(msg: str) -> None:
+    if DIST.main:
+        tqdm.write(msg)
 
 
 def build_parser():
@@ -118,7 +125,10 @@ def load_data(cfg: TrainConfig, device: torch.device) -> tuple[DataBundle, Input
     """Scan, split and load the images at the student's input size and normalisation."""
     inputs = InputSpec.of_model(cfg.model)
     data = build_data(cfg.data, inputs, batch_size=cfg.batch_size, seed=cfg.run.seed, device=device, amp=cfg.run.amp,
-                      progress=cfg.run.progress)
+                      progress=cfg.run.progress, rank=DIST.rank, world_size=DIST.world_size)
+    if DIST.active:
+        log(f"{DIST.world_size} processes: batch {cfg.batch_size} per process, {cfg.batch_size * DIST.world_size} "
+            "in all")
     log(f"data: {data.name}, {len(data.classes)} classes, {data.num_train} train / {data.num_val} val images"
         + (f", {len(data.skipped)} undecodable files skipped" if data.skipped else "")
         + (f", empty classes: {', '.join(data.empty_classes)}" if data.empty_classes else ""))
@@ -145,7 +155,7 @@ def prepare_teacher(cfg: TrainConfig, out: OutputFolder, data: DataBundle, input
     teacher = Teacher(model, spec, taps, input_norm=(inputs.mean, inputs.std))
     spec.top1 = engine.evaluate(lambda x: teacher(x)[0], data.val, device=device, amp=cfg.run.amp,
                                 amp_dtype=cfg.run.autocast_dtype, desc="teacher eval", progress=cfg.run.progress)["top1"]
-    if not path:
+    if not path and DIST.main:
         save_teacher(model, spec, out.path("teacher.pt"))
     log(f"teacher {spec.arch}: top-1 {spec.top1:.2f}% (taps {', '.join(teacher.taps)})")
     return teacher
@@ -159,8 +169,8 @@ def train_teacher(cfg: TrainConfig, data: DataBundle, inputs: InputSpec, device:
     opt = engine.make_optimizer(param_groups([model], cfg.teacher_weight_decay), cfg.teacher_lr, device)
     steps_per_epoch = len(data.train)
     sched = engine.cosine_schedule(opt, cfg.teacher_warmup_steps(steps_per_epoch), cfg.teacher_epochs * steps_per_epoch)
-    step = engine.TrainStep(model, SupervisedLoss(nn.CrossEntropyLoss()), opt, sched, device=device, amp=cfg.run.amp,
-                            amp_dtype=cfg.run.autocast_dtype)
+    step = engine.TrainStep(wrap(model, device), SupervisedLoss(nn.CrossEntropyLoss()), opt, sched, device=device,
+                            amp=cfg.run.amp, amp_dtype=cfg.run.autocast_dtype)
     for epoch in range(cfg.teacher_epochs):
         stats = engine.train_one_epoch(step, data.train, desc=f"teacher {epoch + 1}/{cfg.teacher_epochs}",
                                        progress=cfg.run.progress)
@@ -184,7 +194,7 @@ def build_student(cfg: TrainConfig, num_classes: int, teacher: Teacher | None, s
     optimizer = engine.make_optimizer(param_groups([model], cfg.weight_decay), cfg.lr, device)
     scheduler = engine.cosine_schedule(optimizer, cfg.warmup_epochs * steps_per_epoch, cfg.epochs * steps_per_epoch,
                                        cfg.min_lr_ratio)
-    step = engine.TrainStep(model, criterion, optimizer, scheduler, device=device, amp=cfg.run.amp,
+    step = engine.TrainStep(wrap(model, device), criterion, optimizer, scheduler, device=device, amp=cfg.run.amp,
                             amp_dtype=cfg.run.autocast_dtype, max_norm=cfg.max_norm, compile=cfg.run.compile,
                             compile_mode=cfg.run.compile_mode)
     return Student(model, criterion, optimizer, scheduler, step, steps_per_epoch)
@@ -202,16 +212,17 @@ def resume(out: OutputFolder, s: Student, ck: dict | None) -> None:
             s.scheduler.load_state_dict(ck["scheduler"])
             if s.step.scaler is not None and ck.get("scaler"):
                 s.step.scaler.load_state_dict(ck["scaler"])
-            set_rng_state(ck["rng"])
+            set_rng_state(per_rank(ck["rng"], "rng"))
         except (RuntimeError, ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"--resume: checkpoint.pt in '{out.root}' does not fit this model "
                                   f"({type(e).__name__}); resume with the run's original flags") from None
-        s.records, s.resume_state = ck["records"], ck.get("epoch_state")
+        s.records, s.resume_state = ck["records"], per_rank(ck.get("epoch_state"), "epoch_state")
         s.start_epoch = ck["epoch"] + (0 if s.resume_state else 1)
         at = f"epoch {s.start_epoch + 1}, step {s.resume_state['step']}" if s.resume_state else f"epoch {s.start_epoch}"
         log(f"resumed after {at}")
-    with open(metrics, "w") as f:  # drop lines of epochs after the checkpoint
-        f.writelines(json.dumps(r) + "\n" for r in s.records)
+    if DIST.main:
+        with open(metrics, "w") as f:  # drop lines of epochs after the checkpoint
+            f.writelines(json.dumps(r) + "\n" for r in s.records)
 
 
 def fit(cfg: TrainConfig, out: OutputFolder, s: Student, data: DataBundle, teacher: Teacher | None,
@@ -234,9 +245,10 @@ def fit(cfg: TrainConfig, out: OutputFolder, s: Student, data: DataBundle, teach
             def after_step(st: engine.EpochState, epoch: int = epoch) -> None:
                 if cfg.checkpoint_every and (epoch * s.steps_per_epoch + st.step) % cfg.checkpoint_every == 0:
                     save_checkpoint(cfg, out, s, data, epoch, st)
-                if stop.signum is not None:
+                signum = agreed_stop(stop.signum, st.step, device)
+                if signum:
                     save_checkpoint(cfg, out, s, data, epoch, st)
-                    raise Stopped(stop.signum, f"at epoch {epoch + 1}, step {st.step}")
+                    raise Stopped(signum, f"at epoch {epoch + 1}, step {st.step}")
 
             train = engine.train_one_epoch(s.step, data.train, mixup_fn=mix, progress=cfg.run.progress, state=state,
                                            max_bad_steps=cfg.max_bad_steps, after_step=after_step,
@@ -257,8 +269,9 @@ def record_epoch(cfg: TrainConfig, out: OutputFolder, s: Student, data: DataBund
            "val_loss": r["loss"], "num_val_samples": r["num_samples"], "train_time_s": round(train_time, 3),
            "images_per_s": round(data.num_train / max(train_time, 1e-9), 1), "teacher_calls": teacher_calls}
     s.records.append(rec)
-    with open(out.path("metrics.jsonl"), "a") as f:
-        f.write(json.dumps(rec) + "\n")
+    if DIST.main:
+        with open(out.path("metrics.jsonl"), "a") as f:
+            f.write(json.dumps(rec) + "\n")
     terms = "  ".join(f"{k} {v:.4f}" for k, v in train.items() if k not in ("lr", "skipped_steps"))
     skipped = f", {train['skipped_steps']} non-finite steps skipped" if train["skipped_steps"] else ""
     log(f"epoch {r['epoch'] + 1}/{cfg.epochs} stage {r['stage']}  {terms}  val top-1 {r['top1']:.2f}%  "
@@ -271,10 +284,15 @@ def save_checkpoint(cfg: TrainConfig, out: OutputFolder, s: Student, data: DataB
     schedule, scaler, records, RNG, and for a mid-epoch one (state given) the epoch's position and partial
     sums; never the teacher (the run's teacher.pt, or --teacher-ckpt, is read again). With
     --keep-checkpoints N > 1 the newest N are also kept as checkpoint-<step>.pt (checkpoint.pt links the newest)."""
-    ck = {"epoch": epoch, "epoch_state": state.state_dict() if state is not None else None,
+    rngs = distributed.gather(rng_state())  # each rank's streams (and partial sums): a resumed run continues them
+    states = distributed.gather(state.state_dict() if state is not None else None)
+    if not DIST.main:
+        return
+    ck = {"epoch": epoch, "epoch_state": states if DIST.active else states[0],
           "global_step": epoch * s.steps_per_epoch + (state.step if state is not None else s.steps_per_epoch),
           "student": s.model.state_dict(), "optimizer": s.optimizer.state_dict(), "scheduler": s.scheduler.state_dict(),
-          "records": s.records, "rng": rng_state(), "args": config.flat(cfg), "classes": data.classes,
+          "records": s.records, "rng": rngs if DIST.active else rngs[0], "args": config.flat(cfg),
+          "classes": data.classes, "world_size": DIST.world_size,
           "scaler": s.step.scaler.state_dict() if s.step.scaler is not None else None}
     if cfg.keep_checkpoints == 1:
         atomic_save(ck, out.path("checkpoint.pt"))
@@ -298,8 +316,9 @@ def link_latest(out: OutputFolder, name: str, link: str) -> None:
 
 def finalise(cfg: TrainConfig, out: OutputFolder, s: Student, data: DataBundle, inputs: InputSpec,
              teacher: Teacher | None, device: torch.device, t_start: float) -> dict:
-    """Write student.pt and summary.json, print the results table."""
-    save_student(s.model, cfg.model, data.classes, inputs, out.path("student.pt"))
+    """Write student.pt and summary.json, print the results table (rank 0)."""
+    if DIST.main:
+        save_student(s.model, cfg.model, data.classes, inputs, out.path("student.pt"))
     records = s.records
     stage1 = [r for r in records if r["stage"] == 1]
     skipped = data.all_skipped()
@@ -322,28 +341,57 @@ def finalise(cfg: TrainConfig, out: OutputFolder, s: Student, data: DataBundle, 
         "epochs": records,
         "device": str(device),
         "elapsed_s": round(time.time() - t_start, 1),
+        "world_size": DIST.world_size,
+        "batch_size_per_process": cfg.batch_size,
+        "global_batch_size": cfg.batch_size * DIST.world_size,
         "args": config.flat(cfg),
     }
-    atomic_write_json(summary, out.path("summary.json"))
-    print_table(summary)
+    if DIST.main:
+        atomic_write_json(summary, out.path("summary.json"))
+        print_table(summary)
     return summary
 
 
 def run(cfg: TrainConfig) -> dict:
+    global DIST
     t_start = time.time()
-    out, ck = check_inputs(cfg)
-    device = cfg.run.torch_device
+    DIST, device = distributed.init(cfg.run.torch_device)
+    if not DIST.main:  # rank 0 alone shows progress and writes files
+        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, no_progress=True))
     was_deterministic = torch.are_deterministic_algorithms_enabled()
-    if cfg.deterministic:
-        make_deterministic(device)
     try:
+        out, ck = claim_output(cfg)
+        if cfg.deterministic:
+            make_deterministic(device)
         return _run(cfg, out, ck, device, t_start)
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
+        distributed.close()
+        DIST = Dist()
+
+
+def claim_output(cfg: TrainConfig) -> tuple[OutputFolder, dict | None]:
+    """check_inputs on rank 0 (the only writer); its refusal, if any, ends every rank the same way; the
+    other ranks read the same checkpoint."""
+    err, res = None, None
+    if DIST.main:
+        try:
+            res = check_inputs(cfg)
+        except InputError as e:
+            err = e
+    msg = distributed.broadcast(str(err) if err is not None else None)
+    if err is not None:
+        raise err
+    if msg is not None:
+        raise InputError(msg)
+    if DIST.main:
+        return res
+    ck = load_checkpoint(os.path.join(cfg.output, "checkpoint.pt")) if cfg.run.resume else None
+    return OutputFolder(cfg.output, PROG), ck
 
 
 def _run(cfg: TrainConfig, out: OutputFolder, ck: dict | None, device: torch.device, t_start: float) -> dict:
-    seed_everything(cfg.run.seed)
+    seed_everything(cfg.run.seed + DIST.rank)  # own dropout streams; the weights start from rank 0's (DDP)
     data, inputs = load_data(cfg, device)
     teacher = prepare_teacher(cfg, out, data, inputs, device)
     student = build_student(cfg, len(data.classes), teacher, len(data.train), device)
@@ -353,6 +401,38 @@ def _run(cfg: TrainConfig, out: OutputFolder, ck: dict | None, device: torch.dev
 
 
 # ---------------------------------------------------------------------------------------------- pieces
+
+
+def wrap(model: nn.Module, device: torch.device) -> nn.Module:
+    """DistributedDataParallel under torchrun (every trainable parameter synchronised, the student's alignment
+    projections included), the model itself in one process."""
+    if not DIST.active:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+
+
+def per_rank(value, what: str):
+    """This rank's entry of a checkpoint value saved per rank (a list under torchrun)."""
+    if not isinstance(value, list):
+        if DIST.active and value is not None:
+            raise CheckpointError(f"--resume: the checkpoint was written by 1 process; resume with 1 (this is {DIST.world_size})")
+        return value
+    if len(value) != DIST.world_size:
+        raise CheckpointError(f"--resume: the checkpoint's {what} is of {len(value)} processes; resume with "
+                              f"--nproc_per_node {len(value)} (this is {DIST.world_size})")
+    return value[DIST.rank]
+
+
+def agreed_stop(signum: int | None, step: int, device: torch.device) -> int:
+    """The stop request all ranks act on: this process's own in one process; under torchrun the largest
+    request of any rank, read every 10 steps (so all ranks stop at the same step)."""
+    if not DIST.active:
+        return signum or 0
+    if step % 10:
+        return 0
+    return int(distributed.all_max(torch.tensor([signum or 0], device=device)).item())
 
 
 def make_deterministic(device: torch.device) -> None:
