@@ -133,6 +133,17 @@ class OutputFolder:
         self.files = []
 
 
+class PeerFolder(OutputFolder):
+    """The output folder as a process other than rank 0 sees it under torchrun: paths, but never the
+    manifest (rank 0 claimed the folder and keeps run.json)."""
+
+    def record(self, relpaths: list[str]) -> None:
+        pass
+
+    def save(self) -> None:
+        pass
+
+
 def _read_manifest(root: str) -> dict:
     try:
         with open(os.path.join(root, MANIFEST), encoding="utf-8") as f:

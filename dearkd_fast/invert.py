@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from . import config, distributed, engine
 from .checkpoint import atomic_write, atomic_write_json
-from .cli import OutputFolder, run_cli
+from .cli import OutputFolder, PeerFolder, run_cli
 from .config import InvertConfig, SynthesisSettings
 from .data.folder import check_folder_names
 from .distributed import Dist
@@ -221,14 +221,7 @@ def claim_output(cfg: InvertConfig, s: SynthesisSettings, d: Dist) -> tuple[Outp
     if msg is not None:
         raise InputError(msg)
     state = distributed.broadcast(res[1] if d.main else None)
-    return (res[0] if d.main else _Unrecorded(cfg.output, PROG)), state
-
-
-class _Unrecorded(OutputFolder):
-    """The output folder seen from a rank other than 0: paths, never the manifest (rank 0 keeps it)."""
-
-    def record(self, relpaths: list[str]) -> None:
-        pass
+    return (res[0] if d.main else PeerFolder(cfg.output, PROG)), state
 
 
 # ---------------------------------------------------------------------------------------------- pieces

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from . import config, distributed, engine, ops
 from .checkpoint import atomic_save, atomic_write_json, load_checkpoint, rng_state, set_rng_state
-from .cli import OutputFolder, StopRequest, run_cli
+from .cli import OutputFolder, PeerFolder, StopRequest, run_cli
 from .config import TrainConfig
 from .data import DataBundle, InputSpec, build_data
 from .distributed import Dist
@@ -387,7 +387,7 @@ def claim_output(cfg: TrainConfig) -> tuple[OutputFolder, dict | None]:
     if DIST.main:
         return res
     ck = load_checkpoint(os.path.join(cfg.output, "checkpoint.pt")) if cfg.run.resume else None
-    return OutputFolder(cfg.output, PROG), ck
+    return PeerFolder(cfg.output, PROG), ck
 
 
 def _run(cfg: TrainConfig, out: OutputFolder, ck: dict | None, device: torch.device, t_start: float) -> dict:

@@ -192,6 +192,8 @@ def test_torchrun_two_processes_train_as_one(tmp_path):
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2  # rank 0 alone wrote
     assert sorted(os.listdir(out)) == ["checkpoint.pt", "metrics.jsonl", "run.json", "student.pt", "summary.json",
                                        "teacher.pt"]
+    manifest = json.loads((out / "run.json").read_text())["files"]  # rank 0's manifest, whole
+    assert sorted(manifest) == ["checkpoint.pt", "metrics.jsonl", "student.pt", "summary.json", "teacher.pt"]
     weights = torch.load(out / "student.pt", weights_only=True)["model"]
     assert all(torch.equal(weights[k], a[k]) for k in weights)
 
@@ -215,3 +217,14 @@ def test_torchrun_invert_splits_the_batches(tmp_path, teacher_pt):
             assert (tmp_path / "one" / str(c) / f).read_bytes() == (tmp_path / "two" / str(c) / f).read_bytes()
     manifest = json.loads((tmp_path / "two" / "run.json").read_text())["files"]
     assert sum(f.endswith(".png") for f in manifest) == 30  # rank 0 recorded the other rank's images too
+
+
+@pytest.mark.slow
+def test_the_newest_checkpoints_are_kept(tmp_path, teacher_pt):
+    out = tmp_path / "k"
+    assert train.main(FLAGS + ["--teacher-ckpt", teacher_pt, "--keep-checkpoints", "2", "--output", str(out)]) == 0
+    kept = sorted(f for f in os.listdir(out) if f.startswith("checkpoint-"))
+    assert kept == ["checkpoint-000000014.pt", "checkpoint-000000015.pt"]  # every 2 steps and epoch ends; 15 steps
+    assert os.path.samefile(out / "checkpoint.pt", out / kept[-1])  # checkpoint.pt is the newest
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["global_step"] == 15
+    assert not [f for f in os.listdir(out) if f.startswith(".tmp-")]
