@@ -14,7 +14,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["Dist", "init", "close", "all_sum", "all_max", "gather", "broadcast"]
+from .errors import InputError
+
+__all__ = ["Dist", "init", "close", "all_sum", "all_max", "gather", "broadcast", "on_rank0"]
 
 
 @dataclass(frozen=True)
@@ -89,3 +91,20 @@ def broadcast(obj: Any) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def on_rank0(fn):
+    """fn() on rank 0 alone (claiming the output folder, say); its refusal (InputError) is raised on every
+    rank alike, so all stop together. Rank 0 gets fn's result, the others None."""
+    err, res = None, None
+    if not _active() or dist.get_rank() == 0:
+        try:
+            res = fn()
+        except InputError as e:
+            err = e
+    msg = broadcast(str(err) if err is not None else None)
+    if err is not None:
+        raise err
+    if msg is not None:
+        raise InputError(msg)
+    return res

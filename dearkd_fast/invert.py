@@ -207,19 +207,9 @@ def run(cfg: InvertConfig) -> dict:
 
 
 def claim_output(cfg: InvertConfig, s: SynthesisSettings, d: Dist) -> tuple[OutputFolder, dict]:
-    """prepare_output on rank 0; its refusal ends every rank the same way; the others get its state (and
-    write only the image files of their batches, which rank 0 records)."""
-    err, res = None, None
-    if d.main:
-        try:
-            res = prepare_output(cfg, s)
-        except InputError as e:
-            err = e
-    msg = distributed.broadcast(str(err) if err is not None else None)
-    if err is not None:
-        raise err
-    if msg is not None:
-        raise InputError(msg)
+    """prepare_output on rank 0 (a refusal ends every rank alike); the others get its progress state and
+    write only the image files of their batches, which rank 0 records."""
+    res = distributed.on_rank0(lambda: prepare_output(cfg, s))
     state = distributed.broadcast(res[1] if d.main else None)
     return (res[0] if d.main else PeerFolder(cfg.output, PROG)), state
 

@@ -371,19 +371,9 @@ def run(cfg: TrainConfig) -> dict:
 
 
 def claim_output(cfg: TrainConfig) -> tuple[OutputFolder, dict | None]:
-    """check_inputs on rank 0 (the only writer); its refusal, if any, ends every rank the same way; the
-    other ranks read the same checkpoint."""
-    err, res = None, None
-    if DIST.main:
-        try:
-            res = check_inputs(cfg)
-        except InputError as e:
-            err = e
-    msg = distributed.broadcast(str(err) if err is not None else None)
-    if err is not None:
-        raise err
-    if msg is not None:
-        raise InputError(msg)
+    """check_inputs on rank 0 (the only writer; a refusal ends every rank alike); the other ranks read
+    the same checkpoint."""
+    res = distributed.on_rank0(lambda: check_inputs(cfg))
     if DIST.main:
         return res
     ck = load_checkpoint(os.path.join(cfg.output, "checkpoint.pt")) if cfg.run.resume else None
