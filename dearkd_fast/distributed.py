@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from .errors import InputError
 
-__all__ = ["Dist", "init", "close", "all_sum", "all_max", "gather", "broadcast", "on_rank0"]
+__all__ = ["Dist", "init", "close", "active", "all_sum", "all_max", "gather", "broadcast", "on_rank0"]
 
 
 @dataclass(frozen=True)
@@ -54,30 +54,31 @@ def close() -> None:
         dist.destroy_process_group()
 
 
-def _active() -> bool:
+def active() -> bool:
+    """Whether this process is one of several (a process group of more than one rank is up)."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def all_sum(t: torch.Tensor) -> torch.Tensor:
-    """The sum of `t` over ranks (a new tensor; `t` itself when there is one process)."""
-    if not _active():
+def _all_reduce(t: torch.Tensor, op) -> torch.Tensor:
+    """`op` of `t` over ranks (a new tensor; `t` itself when there is one process)."""
+    if not active():
         return t
     t = t.clone()
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    dist.all_reduce(t, op=op)
     return t
+
+
+def all_sum(t: torch.Tensor) -> torch.Tensor:
+    return _all_reduce(t, dist.ReduceOp.SUM)
 
 
 def all_max(t: torch.Tensor) -> torch.Tensor:
-    if not _active():
-        return t
-    t = t.clone()
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t
+    return _all_reduce(t, dist.ReduceOp.MAX)
 
 
 def gather(obj: Any) -> list:
     """Every rank's `obj`, in rank order (pickled through the process group)."""
-    if not _active():
+    if not active():
         return [obj]
     out: list = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
@@ -86,7 +87,7 @@ def gather(obj: Any) -> list:
 
 def broadcast(obj: Any) -> Any:
     """Rank 0's `obj` on every rank."""
-    if not _active():
+    if not active():
         return obj
     box = [obj]
     dist.broadcast_object_list(box, src=0)
@@ -97,7 +98,7 @@ def on_rank0(fn):
     """fn() on rank 0 alone (claiming the output folder, say); its refusal (InputError) is raised on every
     rank alike, so all stop together. Rank 0 gets fn's result, the others None."""
     err, res = None, None
-    if not _active() or dist.get_rank() == 0:
+    if not active() or dist.get_rank() == 0:
         try:
             res = fn()
         except InputError as e:

@@ -3,7 +3,7 @@ loss terms."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -97,12 +97,12 @@ class EpochState:
     non-finite loss, and the longest run of consecutive skipped steps so far. A checkpoint stores it, so a
     run resumed mid-epoch reports the same epoch means as one never interrupted."""
 
-    step: int = 0
-    sums: dict = field(default_factory=dict)
-    seen: Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float64))
-    skipped: Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.long))
-    bad_run: Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.long))
-    worst_run: Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.long))
+    step: int
+    sums: dict
+    seen: Tensor
+    skipped: Tensor
+    bad_run: Tensor
+    worst_run: Tensor
 
     def state_dict(self) -> dict:
         return {"step": self.step, "sums": dict(self.sums), "seen": self.seen, "skipped": self.skipped,
@@ -110,11 +110,11 @@ class EpochState:
 
     @classmethod
     def from_dict(cls, d: dict | None, device: torch.device) -> EpochState:
+        """A checkpoint's state on `device`, or (d None) an epoch not yet begun."""
         if not d:
-            return cls(seen=torch.zeros((), dtype=torch.float64, device=device),
-                       skipped=torch.zeros((), dtype=torch.long, device=device),
-                       bad_run=torch.zeros((), dtype=torch.long, device=device),
-                       worst_run=torch.zeros((), dtype=torch.long, device=device))
+            long = torch.zeros((), dtype=torch.long)
+            d = {"step": 0, "sums": {}, "seen": torch.zeros((), dtype=torch.float64), "skipped": long,
+                 "bad_run": long, "worst_run": long}
         return cls(d["step"], {k: v.to(device) for k, v in d["sums"].items()},
                    *(d[k].to(device) for k in ("seen", "skipped", "bad_run", "worst_run")))
 
@@ -152,7 +152,7 @@ def train_one_epoch(step: TrainStep, loader, *, mixup_fn: Callable | None = None
         state.add(getattr(step.criterion, "last_terms", {"loss": loss}), images.shape[0], step.finite)
         if progress and state.step % 10 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{step.optimizer.param_groups[0]['lr']:.2e}")
-            if not _distributed():  # under torchrun the ranks stop together, at the epoch end
+            if not distributed.active():  # under torchrun the ranks stop together, at the epoch end
                 _check_bad_run(state.worst_run, state.step, max_bad_steps)
         if after_step is not None:
             after_step(state)
@@ -167,10 +167,6 @@ def train_one_epoch(step: TrainStep, loader, *, mixup_fn: Callable | None = None
     out["lr"] = step.optimizer.param_groups[0]["lr"]
     out["skipped_steps"] = int(skipped.item())
     return out
-
-
-def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def _check_bad_run(worst_run: Tensor, at_step: int, max_bad_steps: int) -> None:

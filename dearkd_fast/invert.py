@@ -146,9 +146,10 @@ def synthesize_all(cfg: InvertConfig, out: OutputFolder, crit: DeepInversionLoss
             if not (torch.isfinite(x).all() and all(math.isfinite(v) for v in terms.values())):
                 raise RunError(f"batch {k + 1}: the objective diverged (loss {terms['loss']}); lower --lr or the "
                                "coefficients. Finished batches are kept: --resume continues")
-            out.record([os.path.relpath(image_path(out.root, spec, s, j), out.root) for j in ids])
+            rels = [os.path.relpath(image_path(out.root, spec, s, j), out.root) for j in ids]
+            out.record(rels)  # owned before they are written
             save_images(x, ids, out.root, spec, s)
-            result = (k, terms, [os.path.relpath(image_path(out.root, spec, s, j), out.root) for j in ids])
+            result = (k, terms, rels)
         for done in distributed.gather(result):  # rank 0 records every rank's finished batch
             if done is None or not d.main:
                 continue

@@ -206,17 +206,18 @@ def resume(out: OutputFolder, s: Student, ck: dict | None) -> None:
     run (ck None) start metrics.jsonl empty."""
     metrics = out.path("metrics.jsonl")
     if ck is not None:
+        rng, epoch_state = per_rank(ck["rng"], "rng"), per_rank(ck.get("epoch_state"), "epoch_state")
         try:
             s.model.load_state_dict(ck["student"], strict=True)
             s.optimizer.load_state_dict(ck["optimizer"])
             s.scheduler.load_state_dict(ck["scheduler"])
             if s.step.scaler is not None and ck.get("scaler"):
                 s.step.scaler.load_state_dict(ck["scaler"])
-            set_rng_state(per_rank(ck["rng"], "rng"))
+            set_rng_state(rng)
         except (RuntimeError, ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"--resume: checkpoint.pt in '{out.root}' does not fit this model "
                                   f"({type(e).__name__}); resume with the run's original flags") from None
-        s.records, s.resume_state = ck["records"], per_rank(ck.get("epoch_state"), "epoch_state")
+        s.records, s.resume_state = ck["records"], epoch_state
         s.start_epoch = ck["epoch"] + (0 if s.resume_state else 1)
         at = f"epoch {s.start_epoch + 1}, step {s.resume_state['step']}" if s.resume_state else f"epoch {s.start_epoch}"
         log(f"resumed after {at}")
