@@ -391,13 +391,15 @@ class DearKDViT(nn.Module):
     @torch.jit.ignore
     def _forward_distilled(self, x: Tensor) -> DistilledOutput:
         """(cls_logits, dist_logits) with the aligned blocks' patch tokens (strided views) attached."""
-        taps: dict = {}
-        if self.align_blocks:
-            blocks = sorted(set(self.align_blocks))
-            x, tokens = self.forward_intermediates(x, indices=blocks, output_fmt="NLC")
-            taps = dict(zip(blocks, tokens))
-        else:
-            x = self.forward_features(x)
+        # its own block loop rather than forward_intermediates: the taps are sliced as each block finishes, which
+        # fixes the order autograd sums their gradients (bit-exact results, the README's main-job table)
+        x = self._pos_embed(x)
+        taps = {}
+        for i, blk in enumerate(self.blocks):
+            x = checkpoint(blk, x, use_reentrant=False) if self.grad_checkpointing else blk(x)
+            if i in self.align_blocks:
+                taps[i] = x[:, NUM_PREFIX_TOKENS:]
+        x = self.norm(x)
         cls_logits, dist_logits = self.head(self.head_drop(x[:, 0])), self.head_dist(self.head_drop(x[:, 1]))
         align = [(taps[b], p.weight, p.bias, s) for b, p, s in zip(self.align_blocks, self.align_proj, self.align_taps)]
         if align:
