@@ -18,6 +18,7 @@ setup(
         "pillow",
         "tqdm",
         "scikit-learn",
+        "matplotlib",  # the study's plots
     ],
     extras_require={
         # the versions that lie on this project's machines' disk, plus everything the tests need
@@ -36,6 +37,7 @@ setup(
         "console_scripts": [
             "dearkd-train=dearkd_fast.train:main",
             "dearkd-invert=dearkd_fast.invert:main",
+            "dearkd-study=dearkd_fast.study:main",
         ]
     },
 )

@@ -49,9 +49,10 @@ def claim(root: str) -> None:
     _held_locks.append((fd, path))
 
 
-def release_claims() -> None:
-    """Drop every folder lock this process holds (the end of a run in this process)."""
-    while _held_locks:
+def release_claims(keep: int = 0) -> None:
+    """Drop the folder locks this process took after its first `keep` ones (the end of a run in this process;
+    a study keeps its own while the runs inside it come and go)."""
+    while len(_held_locks) > keep:
         fd, path = _held_locks.pop()
         try:
             os.unlink(path)  # still held: nobody else is inside this folder
@@ -183,10 +184,13 @@ def _raise_terminated(signum, frame):
     raise Terminated()
 
 
-def run_cli(prog: str, config_cls: type, description: str, run: Callable, argv: list[str] | None) -> int:
+def run_cli(prog: str, config_cls: type, description: str, run: Callable, argv: list[str] | None,
+            again: str = "continue with --resume") -> int:
     """Parse argv into config_cls, run it, and sort any error by the tree (errors.py) into an exit code:
-    0 done, 2 InputError, 1 anything else (traceback in error.log), 130 Ctrl-C, 143 SIGTERM."""
+    0 done, 2 InputError, 1 anything else (traceback in error.log), 130 Ctrl-C, 143 SIGTERM (`again` says
+    how to continue)."""
     cfg = None
+    held = len(_held_locks)  # locks of an enclosing run in this process (a study) stay held
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if _main_thread() else None
     try:
         cfg = from_argv(config_cls, argv, f"python -m {prog}", description)
@@ -197,12 +201,11 @@ def run_cli(prog: str, config_cls: type, description: str, run: Callable, argv: 
         return 2
     except Stopped as e:
         how = "SIGTERM" if e.signum == signal.SIGTERM else "Ctrl-C"
-        print(f"{prog}: stopped ({how}) {e.where}: checkpoint.pt is written; continue with --resume", file=sys.stderr)
+        print(f"{prog}: stopped ({how}) {e.where}: checkpoint.pt is written; {again}", file=sys.stderr)
         return 143 if e.signum == signal.SIGTERM else 130
     except (KeyboardInterrupt, Terminated) as e:
         how = "SIGTERM" if isinstance(e, Terminated) else "Ctrl-C"
-        print(f"{prog}: interrupted ({how}); every file written so far is whole: continue with --resume",
-              file=sys.stderr)
+        print(f"{prog}: interrupted ({how}); every file written so far is whole: {again}", file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130
     except Exception as e:  # noqa: BLE001 - outside the InputError branch everything is a run-time failure
         if os.environ.get("DEARKD_DEBUG"):
@@ -211,7 +214,7 @@ def run_cli(prog: str, config_cls: type, description: str, run: Callable, argv: 
         print(f"{prog}: failed: {type(e).__name__}: {_one_line(e)} (traceback in {log})", file=sys.stderr)
         return 1
     finally:
-        release_claims()
+        release_claims(held)
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 

@@ -26,7 +26,7 @@ __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "SMALL_IMAGE_MAX", "InversionPreset", "SizePreset", "PRESETS", "preset_for",
     "INVERSION", "OBJECTIVES", "inversion_preset",
     "RunConfig", "DataConfig", "stage_switch", "TrainConfig", "InvertConfig", "SynthesisSettings", "build_parser",
-    "from_argv", "flag_table", "flat",
+    "from_argv", "flag_table", "flat", "StudyTier", "STUDY_TIERS", "StudyConfig",
 ]
 
 # ImageNet normalisation: the statistics of every registered model of this project (timm's defaults too)
@@ -235,6 +235,8 @@ class DataConfig:
                                   "class-balanced 10%% hold-out of --data)", group="data", name="--val-data")
     fraction: float = flag(1.0, "class-balanced share of the training images, in (0, 1]", group="data",
                            name="--data-fraction")
+    val_fraction: float = flag(1.0, "class-balanced share of the validation images, in (0, 1] (the same images for "
+                               "every seed)", group="data")
     allow_empty_classes: bool = flag(False, "report empty class folders instead of failing", group="data")
     workers: int = flag(min(4, os.cpu_count() or 1), "data loading workers/threads", group="data", shown="min(4, cores)")
     dali: bool = flag(False, "decode and augment with NVIDIA DALI (GPU when --device is CUDA)", group="data")
@@ -247,6 +249,7 @@ class DataConfig:
 
     def __post_init__(self):
         _finite("--data-fraction", self.fraction, low=0.0, low_open=True, high=1.0)
+        _finite("--val-fraction", self.val_fraction, low=0.0, low_open=True, high=1.0)
         _check(self.workers >= 0, f"--workers must be >= 0, got {self.workers}")
         _finite("--hflip", self.hflip, low=0.0, high=1.0)
         _check(0.0 <= self.holdout < 1.0, f"holdout must be in [0, 1), got {self.holdout}")
@@ -288,7 +291,8 @@ class TrainConfig:
     teacher_weight_decay: float = flag(5e-4, "AdamW weight decay of the teacher", group="models")
     teacher_taps: str | None = flag(None, "comma-separated teacher modules to align to (default: first two stages)",
                                     group="models")
-    epochs: int = flag(20, "E: total student epochs", group="optimisation")
+    epochs: int = flag(20, "E: total student epochs (0: train or load the teacher, evaluate it, write teacher.pt "
+                       "and summary.json, no student)", group="optimisation")
     stage1_epochs: int | None = flag(None, "E1: epochs of stage 1 (default: 2/3 of --epochs, rounded up)",
                                      group="optimisation")
     batch_size: int = flag(64, "per step", group="optimisation")
@@ -322,7 +326,7 @@ class TrainConfig:
         _check(not (self.checkpoint_every and self.data.dali), "--checkpoint-every needs the torchvision loader: DALI "
                "cannot restart mid-epoch (drop --dali, or checkpoint at epoch ends only)")
         _check(not (self.deterministic and self.data.dali), "--deterministic needs the torchvision loader (drop --dali)")
-        _check(self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}")
+        _check(self.epochs >= 0, f"--epochs must be >= 0, got {self.epochs}")
         e1 = self.switch_epoch
         _check(0 <= e1 <= self.epochs, f"--stage1-epochs must be in [0, --epochs={self.epochs}], got {e1}")
         _check(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
@@ -342,8 +346,9 @@ class TrainConfig:
         _finite("--smoothing", self.smoothing, low=0.0)
         _check(self.smoothing < 1.0, f"--smoothing must be < 1, got {self.smoothing}")
         _check(not (self.mixes and self.batch_size % 2), "--mixup/--cutmix need an even --batch-size")
-        _check(self.teacher_ckpt is not None or self.teacher_epochs >= 1 or e1 == 0,
-               "stage 1 needs a teacher: give --teacher-ckpt or --teacher-epochs >= 1")
+        _check(self.teacher_ckpt is not None or self.teacher_epochs >= 1 or not self.needs_teacher,
+               "stage 1 needs a teacher: give --teacher-ckpt or --teacher-epochs >= 1" if self.epochs else
+               "--epochs 0 runs the teacher alone: give --teacher-epochs >= 1 or --teacher-ckpt")
         _check(bool(self.output), "--output must not be empty")
 
     @property
@@ -357,7 +362,7 @@ class TrainConfig:
 
     @property
     def needs_teacher(self) -> bool:
-        return self.switch_epoch > 0
+        return self.switch_epoch > 0 or self.epochs == 0
 
     def teacher_warmup_steps(self, steps_per_epoch: int) -> int:
         return min(steps_per_epoch, int(self.teacher_epochs * steps_per_epoch * self.teacher_warmup_share))
@@ -522,6 +527,109 @@ class InvertConfig:
 # ---------------------------------------------------------------------------------------------- parsing
 
 
+# ---------------------------------------------------------------------------------------------- the study
+
+
+@dataclass(frozen=True)
+class StudyTier:
+    """What every run of one tier of the study shares (python -m dearkd_fast.study; README, Results)."""
+
+    model: str
+    teacher: str
+    teacher_epochs: int
+    epochs: int
+    batch_size: int
+    lr: float
+    warmup_epochs: int
+    fractions: tuple[float, ...]
+    seeds: int
+    val_fraction: float  # the same class-balanced share of the test split for every run
+    workers: int
+    synthetic_per_class: int  # data-free: images synthesised per class, with and without BPID
+    synthetic_epochs: int
+    synthetic_batch_size: int
+    invert_iterations: int  # per phase (half, then full resolution)
+
+
+# cpu: sized to finish within 45 minutes on the 2-core CPU machine; gpu: the full grid, sized to about 10 minutes
+# from the trainer's rate measured on an H200 (README, Results: the estimate). Both train with bf16 autocast.
+STUDY_TIERS: dict[str, StudyTier] = {
+    "cpu": StudyTier(model="dearkd_nano_patch4_32", teacher="cifar_resnet20", teacher_epochs=3, epochs=4, batch_size=128,
+                     lr=2e-3, warmup_epochs=1, fractions=(0.1, 0.25), seeds=2, val_fraction=0.25, workers=2,
+                     synthetic_per_class=10, synthetic_epochs=10, synthetic_batch_size=32, invert_iterations=80),
+    "gpu": StudyTier(model="dearkd_tiny_patch4_32", teacher="cifar_resnet20", teacher_epochs=4, epochs=2, batch_size=512,
+                     lr=2e-3, warmup_epochs=1, fractions=(0.1, 0.25, 0.5, 1.0), seeds=2, val_fraction=0.5, workers=12,
+                     synthetic_per_class=50, synthetic_epochs=8, synthetic_batch_size=128, invert_iterations=120),
+}
+
+
+def _tier_help(key: str) -> str:
+    vals = {t: getattr(v, key) for t, v in STUDY_TIERS.items()}
+    show = {t: ",".join(f"{x:g}" for x in v) if isinstance(v, tuple) else f"{v:g}" if isinstance(v, float) else str(v)
+            for t, v in vals.items()}
+    return "default: " + ", ".join(f"{v} ({t})" for t, v in show.items())
+
+
+def _tier_flag(key: str, help: str):
+    return flag(None, f"{help} ({_tier_help(key)})", group="grid")
+
+
+@dataclass(frozen=True, kw_only=True)
+class StudyConfig:
+    """Every setting of python -m dearkd_fast.study; None falls back to the tier's value."""
+
+    data: str = flag("cifar10", "the data set: 'cifar10[:TARBALL_DIR]', 'digits' or an ImageFolder (students and "
+                     "teacher are evaluated on its validation split)", group="study")
+    tier: str = flag("cpu", "'cpu' (the 2-core CPU machine, within 45 minutes) or 'gpu' (the full grid, one GPU)",
+                     group="study", choices=tuple(STUDY_TIERS))
+    output: str | None = flag(None, "study folder (rerun the same command to continue an interrupted study)",
+                              group="study", shown="results/<data>-<tier>")
+    fractions: str | None = _tier_flag("fractions", "comma-separated shares of the training split")
+    seeds: int | None = _tier_flag("seeds", "seeds per method and fraction")
+    epochs: int | None = _tier_flag("epochs", "student epochs (every method)")
+    teacher_epochs: int | None = _tier_flag("teacher_epochs", "teacher epochs on the whole training split")
+    batch_size: int | None = _tier_flag("batch_size", "batch size of every student")
+    val_fraction: float | None = _tier_flag("val_fraction", "class-balanced share of the validation split evaluated")
+    workers: int | None = _tier_flag("workers", "data loading workers of each run")
+    data_free: bool = flag(True, "also the data-free rows (synthesised images, with and without BPID)", group="grid")
+    synthetic_per_class: int | None = _tier_flag("synthetic_per_class", "data-free: images synthesised per class")
+    synthetic_epochs: int | None = _tier_flag("synthetic_epochs", "data-free: student epochs")
+    invert_iterations: int | None = _tier_flag("invert_iterations", "data-free: inversion iterations per phase")
+    device: str = flag("auto", "auto, cpu, cuda, cuda:N", group="run")
+    no_progress: bool = flag(False, "no progress bar", group="run")
+
+    def __post_init__(self):
+        resolve_device(self.device)
+        t = self.settings
+        _check(all(0.0 < f <= 1.0 for f in t.fractions) and len(set(t.fractions)) == len(t.fractions),
+               f"--fractions must be distinct shares in (0, 1], got {self.fractions}")
+        for name in ("seeds", "epochs", "teacher_epochs", "batch_size", "synthetic_per_class", "synthetic_epochs",
+                     "invert_iterations"):
+            _check(getattr(t, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(t, name)}")
+        _check(t.workers >= 0, f"--workers must be >= 0, got {t.workers}")
+        _finite("--val-fraction", t.val_fraction, low=0.0, low_open=True, high=1.0)
+
+    @property
+    def settings(self) -> StudyTier:
+        """The tier with this command's overrides."""
+        base = STUDY_TIERS[self.tier]
+        over = {f.name: getattr(self, f.name) for f in dataclasses.fields(StudyTier)
+                if hasattr(self, f.name) and getattr(self, f.name) is not None}
+        if "fractions" in over:
+            try:
+                over["fractions"] = tuple(float(x) for x in self.fractions.split(",") if x.strip())
+            except ValueError:
+                raise InputError(f"--fractions must be comma-separated numbers, got '{self.fractions}'") from None
+            _check(bool(over["fractions"]), "--fractions must name at least one share")
+        return dataclasses.replace(base, **over)
+
+    @property
+    def folder(self) -> str:
+        name = self.data.partition(":")[0] if self.data.startswith(("cifar10", "digits")) else \
+            os.path.basename(os.path.normpath(self.data))
+        return self.output or os.path.join("results", f"{name}-{self.tier}")
+
+
 def _flag_fields(cls) -> list[tuple[dataclasses.Field, Any, tuple[str, ...]]]:
     """(field, type, path) of every flag of cls, nested configs included, in declaration order."""
     hints = typing.get_type_hints(cls)
@@ -632,4 +740,4 @@ def flag_table(cls) -> str:
 if __name__ == "__main__":  # python -m dearkd_fast.config train|invert: the README's flag table of a tool
     import sys
 
-    print(flag_table({"train": TrainConfig, "invert": InvertConfig}[sys.argv[1]]), end="")
+    print(flag_table({"train": TrainConfig, "invert": InvertConfig, "study": StudyConfig}[sys.argv[1]]), end="")

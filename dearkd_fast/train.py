@@ -315,18 +315,19 @@ def link_latest(out: OutputFolder, name: str, link: str) -> None:
     os.replace(tmp, out.path(link))
 
 
-def finalise(cfg: TrainConfig, out: OutputFolder, s: Student, data: DataBundle, inputs: InputSpec,
+def finalise(cfg: TrainConfig, out: OutputFolder, s: Student | None, data: DataBundle, inputs: InputSpec,
              teacher: Teacher | None, device: torch.device, t_start: float) -> dict:
-    """Write student.pt and summary.json, print the results table (rank 0)."""
-    if DIST.main:
+    """Write student.pt and summary.json, print the results table (rank 0). No student (--epochs 0): the
+    student fields are None."""
+    if DIST.main and s is not None:
         save_student(s.model, cfg.model, data.classes, inputs, out.path("student.pt"))
-    records = s.records
+    records = s.records if s is not None else []
     stage1 = [r for r in records if r["stage"] == 1]
     skipped = data.all_skipped()
     summary = {
-        "final_top1": records[-1]["val_top1"],
-        "final_top5": records[-1]["val_top5"],
-        "best_top1": max(r["val_top1"] for r in records),
+        "final_top1": records[-1]["val_top1"] if records else None,
+        "final_top5": records[-1]["val_top5"] if records else None,
+        "best_top1": max(r["val_top1"] for r in records) if records else None,
         "stage1_top1": stage1[-1]["val_top1"] if stage1 else None,
         "teacher_top1": teacher.spec.top1 if teacher is not None else None,
         "teacher": teacher.spec.arch if teacher is not None else None,
@@ -334,7 +335,7 @@ def finalise(cfg: TrainConfig, out: OutputFolder, s: Student, data: DataBundle, 
         "data": data.name,
         "num_classes": len(data.classes),
         "num_train_samples": data.num_train,
-        "num_val_samples": records[-1]["num_val_samples"],
+        "num_val_samples": records[-1]["num_val_samples"] if records else data.num_val,
         "skipped_files": len(skipped),
         "skipped_paths": skipped[:100],
         "empty_classes": data.empty_classes,
@@ -385,6 +386,8 @@ def _run(cfg: TrainConfig, out: OutputFolder, ck: dict | None, device: torch.dev
     seed_everything(cfg.run.seed + DIST.rank)  # own dropout streams; the weights start from rank 0's (DDP)
     data, inputs = load_data(cfg, device)
     teacher = prepare_teacher(cfg, out, data, inputs, device)
+    if cfg.epochs == 0:  # the teacher alone (a study trains it once and hands it to every student run)
+        return finalise(cfg, out, None, data, inputs, teacher, device, t_start)
     student = build_student(cfg, len(data.classes), teacher, len(data.train), device)
     resume(out, student, ck)
     fit(cfg, out, student, data, teacher, device)

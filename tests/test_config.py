@@ -35,7 +35,9 @@ def test_configs_are_frozen_and_derive_without_writing_back():
 
 
 @pytest.mark.parametrize("argv,text", [
-    (["--epochs", "0"], "--epochs"), (["--stage1-epochs", "30"], "--stage1-epochs"), (["--lr", "nan"], "--lr"),
+    (["--epochs", "-1"], "--epochs"), (["--epochs", "0", "--teacher-epochs", "0"], "teacher alone"),
+    (["--val-fraction", "0"], "--val-fraction"), (["--val-fraction", "1.5"], "--val-fraction"),
+    (["--stage1-epochs", "30"], "--stage1-epochs"), (["--lr", "nan"], "--lr"),
     (["--data-fraction", "0"], "--data-fraction"), (["--alpha", "2"], "--alpha"), (["--tau", "-1"], "--tau"),
     (["--beta", "nan"], "--beta"), (["--max-norm", "-1"], "--max-norm"), (["--smoothing", "1.5"], "--smoothing"),
     (["--hflip", "2"], "--hflip"), (["--seed", "-1"], "--seed"), (["--device", "bogus"], "--device"),

@@ -4,7 +4,7 @@ import timm
 import torch
 
 import dearkd_fast  # noqa: F401  (registers the models)
-from dearkd_fast.models.student import MHCA, NUM_PREFIX_TOKENS, kernel_offsets
+from dearkd_fast.models.student import MHCA, NUM_PREFIX_TOKENS, Attention, kernel_offsets
 
 
 def small_model(**kw):
@@ -133,6 +133,25 @@ def test_fused_mhca_matches_the_reference_in_float64(heads, grid):
     for name, a, b in zip(names, grads[0], grads[1]):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11, msg=name)
     assert {"v_pos", "gate_lambda"} <= set(names)
+
+
+@pytest.mark.parametrize("heads,tokens", [(1, 3), (3, 66), (4, 17)])
+def test_plain_attention_paths_agree_in_float64(heads, tokens):
+    """SDPA and the explicit softmax(q k^T / sqrt(d)) v product (the CPU default): output and every gradient."""
+    torch.manual_seed(heads)
+    m = Attention(8 * heads, heads).double()
+    x = torch.randn(2, tokens, 8 * heads, dtype=torch.float64, requires_grad=True)
+    res = []
+    for fused in (True, False):
+        m.fused = fused
+        m.zero_grad()
+        x.grad = None
+        y = m(x)
+        (y * torch.linspace(-1, 1, y.numel(), dtype=torch.float64).view_as(y)).sum().backward()
+        res.append([y.detach(), x.grad.clone()] + [p.grad.clone() for p in m.parameters()])
+    for a, b in zip(*res):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert m.fused is False and not res[0][0].isnan().any()
 
 
 def test_fused_mhca_builds_no_batch_attention_matrix():

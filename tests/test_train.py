@@ -134,15 +134,16 @@ def test_process_exit_code_and_single_line(tmp_path):
     assert r.stderr.strip().count("\n") == 0 and "does not exist" in r.stderr
 
 
-@pytest.mark.parametrize("tool", ["train", "invert"])
+@pytest.mark.parametrize("tool", ["train", "invert", "study"])
 def test_readme_flag_table_is_the_configs(tool):
     """The README's flag table of each tool is exactly what its config generates (python -m dearkd_fast.config)."""
     from dearkd_fast import config
 
-    table = config.flag_table({"train": config.TrainConfig, "invert": config.InvertConfig}[tool])
+    cls = {"train": config.TrainConfig, "invert": config.InvertConfig, "study": config.StudyConfig}[tool]
+    table = config.flag_table(cls)
     readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
     assert table in readme
-    parser = config.build_parser({"train": config.TrainConfig, "invert": config.InvertConfig}[tool], "x", "")
+    parser = config.build_parser(cls, "x", "")
     flags = [o for a in parser._actions for o in a.option_strings if o.startswith("--") and o != "--help"]
     assert all(f"`{f}`" in table for f in flags)
 

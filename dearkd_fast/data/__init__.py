@@ -89,7 +89,7 @@ class DeviceLoader:
 
 def _file_lists(cfg: DataConfig, seed: int, progress: bool):
     """(source, train samples after the subset, val samples, the training scan, every skipped file)."""
-    source = resolve_data(cfg.source, cfg.val_source)
+    source = resolve_data(cfg.source, cfg.val_source, progress)
     workers = max(1, cfg.workers)
     scan = scan_image_folder(source.train_dir, allow_empty_classes=cfg.allow_empty_classes, progress=progress,
                              workers=workers)
@@ -101,6 +101,7 @@ def _file_lists(cfg: DataConfig, seed: int, progress: bool):
                                   workers=workers)
         train, val = scan.samples, vscan.samples
         skipped += vscan.skipped
+    val = balanced_subset(val, cfg.val_fraction, 0, flag="--val-fraction")  # seed 0: one subset for every run
     return source, balanced_subset(train, cfg.fraction, seed), val, scan, skipped
 
 

@@ -214,10 +214,11 @@ def _decodable(paths: list[str], manifest_path: str, workers: int, progress: boo
     return {p: bool(manifest[p][2]) for p in paths}
 
 
-def balanced_subset(samples: list[tuple[str, int]], fraction: float, seed: int) -> list[tuple[str, int]]:
+def balanced_subset(samples: list[tuple[str, int]], fraction: float, seed: int, *,
+                    flag: str = "--data-fraction") -> list[tuple[str, int]]:
     """Keep round(fraction * n_c) (at least 1) samples of each class c, chosen by `seed`; sorted."""
     if not 0.0 < fraction <= 1.0:
-        raise DataError(f"--data-fraction must be in (0, 1], got {fraction}")
+        raise DataError(f"{flag} must be in (0, 1], got {fraction}")
     if fraction == 1.0:
         return list(samples)
     by_class: dict[int, list[tuple[str, int]]] = {}
@@ -294,7 +295,7 @@ def builtin_digits() -> tuple[str, str]:
     return os.path.join(final, "train"), os.path.join(final, "val")
 
 
-def builtin_cifar10(tar_dir: str) -> tuple[str, str]:
+def builtin_cifar10(tar_dir: str, progress: bool = True) -> tuple[str, str]:
     """Extract CIFAR-10's train.tar.gz / test.tar.gz (ImageFolder inside) once into the cache."""
     tars = {s: os.path.join(tar_dir, f"{s}.tar.gz") for s in ("train", "test")}
     for p in tars.values():
@@ -305,12 +306,12 @@ def builtin_cifar10(tar_dir: str) -> tuple[str, str]:
         os.makedirs(cache_root(), exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=".cifar10-", dir=cache_root())
         for split, path in tars.items():
-            _extract(path, tmp, f"cifar10/{split}")
+            _extract(path, tmp, f"cifar10/{split}", progress)
         _publish(tmp, final)
     return os.path.join(final, "train"), os.path.join(final, "test")
 
 
-def _extract(path: str, dest: str, label: str) -> None:
+def _extract(path: str, dest: str, label: str, progress: bool = True) -> None:
     """Extract the plain files and folders of a tarball into dest; DataError for a member outside it."""
     with tarfile.open(path, "r:gz") as tf:
         members = [m for m in tf.getmembers() if m.isdir() or m.isfile()]
@@ -318,7 +319,7 @@ def _extract(path: str, dest: str, label: str) -> None:
         if unsafe:  # checked here too: Python before 3.11.4 has no tarfile filter=
             raise DataError(f"{label}: '{path}' holds an unsafe path '{unsafe[0]}'")
         kw = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
-        for m in tqdm(members, desc=f"extracting {label}", unit="file", leave=False):
+        for m in tqdm(members, desc=f"extracting {label}", unit="file", leave=False, disable=not progress):
             tf.extract(m, dest, **kw)
 
 
@@ -332,10 +333,11 @@ class DataSource:
     hflip: float = 0.5  # default flip probability (digits are not mirror-symmetric: 0)
 
 
-# built-in sets: name -> (train_dir, val_dir) builder taking the part after "name:", and the set's flip default
+# built-in sets: name -> (train_dir, val_dir) builder taking the part after "name:" and whether to show progress,
+# and the set's flip default
 BUILTIN_SETS = {
-    "digits": (lambda arg: builtin_digits(), 0.0),
-    "cifar10": (lambda arg: builtin_cifar10(_cifar10_dir(arg)), 0.5),
+    "digits": (lambda arg, progress: builtin_digits(), 0.0),
+    "cifar10": (lambda arg, progress: builtin_cifar10(_cifar10_dir(arg), progress), 0.5),
 }
 
 
@@ -351,7 +353,7 @@ def _builtin_name(spec: str) -> str | None:
     return name if name in BUILTIN_SETS and (spec == name or name == "cifar10") else None
 
 
-def resolve_data(data: str, val_data: str | None) -> DataSource:
+def resolve_data(data: str, val_data: str | None, progress: bool = True) -> DataSource:
     """Map --data / --val-data to folders: a built-in set (`digits`, `cifar10[:DIR]`) or an ImageFolder path.
 
     A built-in name as --val-data means that set's validation split (e.g. train on synthetic images,
@@ -363,9 +365,9 @@ def resolve_data(data: str, val_data: str | None) -> DataSource:
         source = DataSource(data, None, os.path.basename(os.path.normpath(data)))
     else:
         build, hflip = BUILTIN_SETS[name]
-        source = DataSource(*build(data.partition(":")[2]), name, hflip)
+        source = DataSource(*build(data.partition(":")[2], progress), name, hflip)
     if val_data is not None:
         vname = _builtin_name(val_data)
-        val_dir = BUILTIN_SETS[vname][0](val_data.partition(":")[2])[1] if vname else val_data
+        val_dir = BUILTIN_SETS[vname][0](val_data.partition(":")[2], progress)[1] if vname else val_data
         source = DataSource(source.train_dir, val_dir, source.name, source.hflip)
     return source

@@ -55,7 +55,7 @@ def kernel_offsets(num_heads: int) -> List[Tuple[int, int]]:
 
 
 class Attention(nn.Module):
-    """Plain multi-head self-attention (fused scaled-dot-product)."""
+    """Plain multi-head self-attention: softmax(q k^T / sqrt(d)) v."""
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0):
         super().__init__()
@@ -65,11 +65,25 @@ class Attention(nn.Module):
         self.attn_drop = attn_drop
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
+        # True: SDPA; False: the explicit product; None (default): SDPA for CUDA inputs, the explicit product on
+        # the CPU, where SDPA's bf16 backward is slow (bf16 train step of dearkd_micro_patch4_32, batch 128:
+        # 206 img/s with SDPA, 464 explicit; benchmarks/RESULTS.md)
+        self.fused: Optional[bool] = None
 
     def forward(self, x: Tensor) -> Tensor:
         B, T, D = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        p = self.attn_drop if self.training else 0.0
+        if self.fused is not None:
+            fused = self.fused
+        elif torch.jit.is_scripting():
+            fused = x.is_cuda
+        else:
+            fused = _default_fused(x)
+        if fused:
+            x = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+        else:
+            x = F.dropout(torch.softmax((q * self.head_dim**-0.5) @ k.transpose(-2, -1), dim=-1), p) @ v
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, T, D)))
 
 
@@ -490,6 +504,7 @@ default_cfgs = generate_default_cfgs({
     "dearkd_base_patch16_224": _cfg(224),
     "dearkd_tiny_patch4_32": _cfg(32),
     "dearkd_micro_patch4_32": _cfg(32),
+    "dearkd_nano_patch4_32": _cfg(32),
 })
 
 
@@ -534,6 +549,13 @@ def dearkd_micro_patch4_32(pretrained: bool = False, **kwargs) -> DearKDViT:
     """The CPU demo model: 32 px, patch 4, dim 96, depth 6, 3 heads, MHCA in blocks 0-1 (a third)."""
     defaults = dict(patch_size=4, embed_dim=96, depth=6, num_heads=3, num_mhca=2, drop_path_rate=0.0)
     return _create("dearkd_micro_patch4_32", pretrained, defaults, kwargs)
+
+
+@register_model
+def dearkd_nano_patch4_32(pretrained: bool = False, **kwargs) -> DearKDViT:
+    """The CPU study's student: 32 px, patch 4, dim 64, depth 4, 2 heads, MHCA in block 0."""
+    defaults = dict(patch_size=4, embed_dim=64, depth=4, num_heads=2, num_mhca=1, drop_path_rate=0.0)
+    return _create("dearkd_nano_patch4_32", pretrained, defaults, kwargs)
 
 
 STUDENT_FORMAT = "dearkd_fast.student/2"

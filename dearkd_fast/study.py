@@ -1,0 +1,442 @@
+"""python -m dearkd_fast.study: does DearKD do what the paper claims? One resumable command.
+
+The grid (README, Results): one CNN teacher trained once on the whole training split, then students that
+share architecture, epochs, augmentation and optimizer:
+
+    scratch           no teacher (stage 2 from the first epoch: CE on both heads)
+    deit              hard distillation through the distillation token; no alignment, no stage 2
+    dearkd            early-feature alignment + distillation token in stage 1, then stage 2
+    dearkd-no-stage2  dearkd without stage 2
+
+over data fractions x seeds, plus the data-free rows: DearKD on images synthesised from the same teacher
+with and without BPID (and without stage 2), evaluated on the real validation split.
+
+Every run is the trainer's (or the inverter's) own command, run in this process: `<output>/runs/<run>/`
+holds the trainer's output (`summary.json`, `metrics.jsonl`, ...; the inverter's images go to its `images/`),
+`log.txt` (what the tool printed) and `command.txt` (the exact command line of each invocation). A finished
+run is never redone and a stopped one continues from its checkpoint, so rerunning the same command continues
+an interrupted study; a run already started with another command line (other settings) is refused.
+At the end: `table.md`, `table.json` (top-1 mean +- std over seeds, epochs, wall time, machine) and the
+plots `accuracy_vs_fraction.png` and `val_curves.png`. Exit 0 / 2 (bad input) / 1 / 130 / 143 as the tools.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from . import invert, train
+from .checkpoint import atomic_write, atomic_write_json
+from .cli import claim, run_cli
+from .config import StudyConfig, stage_switch
+from .errors import InputError, RunError, Stopped
+
+__all__ = ["METHODS", "Run", "plan", "main"]
+
+PROG = "dearkd_fast.study"
+DESCRIPTION = "The study of DearKD's claims: scratch / DeiT-style / DearKD / DearKD without stage 2 over data " \
+              "fractions and seeds, and data-free DearKD with and without BPID; tables and plots."
+STATE = "study.json"
+STATE_FORMAT = "dearkd_fast.study/1"
+
+def _switch(epochs: int) -> int:
+    """DearKD's stage-1 epochs: the trainer's default (2/3, rounded up), but at least one epoch of stage 2."""
+    return max(1, min(stage_switch(epochs, None), epochs - 1)) if epochs > 1 else epochs
+
+
+# method -> (trainer flags given E, uses the teacher, description)
+METHODS: dict[str, tuple] = {
+    "scratch": (lambda e: ["--stage1-epochs", "0"], False, "no teacher"),
+    "deit": (lambda e: ["--beta", "0", "--stage1-epochs", str(e)], True,
+             "hard distillation token, no alignment, no stage 2"),
+    "dearkd": (lambda e: ["--stage1-epochs", str(_switch(e))], True, "alignment + distillation token, then stage 2"),
+    "dearkd-no-stage2": (lambda e: ["--stage1-epochs", str(e)], True, "alignment + distillation token, no stage 2"),
+}
+# data-free rows: (images synthesised with BPID?, trainer flags given E)
+DATA_FREE: dict[str, tuple] = {
+    "data-free dearkd, BPID": (True, lambda e: ["--stage1-epochs", str(_switch(e))]),
+    "data-free dearkd, no BPID": (False, lambda e: ["--stage1-epochs", str(_switch(e))]),
+    "data-free dearkd no-stage2, BPID": (True, lambda e: ["--stage1-epochs", str(e)]),
+}
+
+
+@dataclass
+class Run:
+    """One invocation of a tool inside the study: its folder under runs/, its argv, its weight in the
+    progress bar (images it processes, roughly) and what it stands for in the table."""
+
+    name: str
+    tool: str  # "train" or "invert"
+    argv: list[str]
+    cost: float
+    method: str | None = None
+    fraction: float | None = None
+    seed: int | None = None
+
+    def command(self, extra: list[str]) -> str:
+        return shlex.join([sys.executable, "-m", f"dearkd_fast.{self.tool}", *self.argv, *extra])
+
+
+def _frac(f: float) -> str:
+    return f"{f:g}"
+
+
+def plan(cfg: StudyConfig, root: str, num_train: int, num_classes: int) -> list[Run]:
+    """Every run of the study in the order they run (the teacher first, the inversions before their students)."""
+    t = cfg.settings
+    runs_dir = os.path.join(root, "runs")
+    teacher_ckpt = os.path.join(runs_dir, "teacher", "teacher.pt")
+    common = ["--data", cfg.data, "--model", t.model, "--teacher", t.teacher, "--batch-size", str(t.batch_size),
+              "--lr", f"{t.lr:g}", "--warmup-epochs", str(t.warmup_epochs), "--val-fraction", f"{t.val_fraction:g}",
+              "--workers", str(t.workers), "--amp", "--device", cfg.device, "--no-progress"]
+    out = lambda name: ["--output", os.path.join(runs_dir, name)]  # noqa: E731
+    runs = [Run("teacher", "train", common + ["--epochs", "0", "--teacher-epochs", str(t.teacher_epochs)] + out("teacher"),
+                cost=t.teacher_epochs * num_train)]
+    for frac in t.fractions:
+        for seed in range(t.seeds):
+            for method, (flags, uses_teacher, _) in METHODS.items():
+                name = f"{method}-f{_frac(frac)}-s{seed}"
+                argv = common + ["--epochs", str(t.epochs), "--data-fraction", _frac(frac), "--seed", str(seed)]
+                argv += flags(t.epochs) + (["--teacher-ckpt", teacher_ckpt] if uses_teacher else []) + out(name)
+                runs.append(Run(name, "train", argv, cost=t.epochs * frac * num_train, method=method, fraction=frac,
+                                seed=seed))
+    if cfg.data_free:
+        for bpid in (True, False):
+            name = f"synthetic-{'bpid' if bpid else 'nobpid'}"
+            argv = ["--teacher-ckpt", teacher_ckpt, "--images-per-class", str(t.synthetic_per_class),
+                    "--iterations", str(t.invert_iterations), "--low-res-iterations", str(t.invert_iterations),
+                    "--amp", "--device", cfg.device, "--no-progress"] + (["--bpid", "0"] if not bpid else [])
+            argv += ["--output", os.path.join(runs_dir, name, "images")]  # the inverter wants a folder of its own
+            runs.append(Run(name, "invert", argv, cost=2 * t.invert_iterations * t.synthetic_per_class * num_classes))
+        n_synth = t.synthetic_per_class * num_classes
+        for method, (bpid, flags) in DATA_FREE.items():
+            for seed in range(t.seeds):
+                synth = os.path.join(runs_dir, f"synthetic-{'bpid' if bpid else 'nobpid'}", "images")
+                name = method.replace("data-free ", "df-").replace(", ", "-").replace(" ", "-").lower() + f"-s{seed}"
+                argv = ["--data", synth, "--val-data", _val_spec(cfg.data), "--model", t.model, "--teacher", t.teacher,
+                        "--teacher-ckpt", teacher_ckpt, "--batch-size", str(min(t.synthetic_batch_size, n_synth)),
+                        "--lr", f"{t.lr:g}", "--warmup-epochs", str(t.warmup_epochs),
+                        "--val-fraction", f"{t.val_fraction:g}", "--workers", str(t.workers), "--amp",
+                        "--device", cfg.device, "--no-progress", "--epochs", str(t.synthetic_epochs),
+                        "--seed", str(seed)] + flags(t.synthetic_epochs) + out(name)
+                runs.append(Run(name, "train", argv, cost=t.synthetic_epochs * (n_synth + 0.2 * num_train * t.val_fraction),
+                                method=method, seed=seed))
+    return runs
+
+
+def _val_spec(data: str) -> str:
+    """--val-data for students trained on synthetic images: the real validation split of --data."""
+    name = data.partition(":")[0]
+    if name in ("cifar10", "digits"):
+        return data  # a built-in name as --val-data is that set's validation split
+    raise InputError(f"--data-free needs a built-in data set (cifar10, digits) for its real validation split; "
+                     f"pass --no-data-free with '{data}'")
+
+
+def _status(run: Run) -> tuple[bool, list[str]]:
+    """(finished, the flags that continue it): a summary (or meta.json) means done; a checkpoint (or
+    progress.json) is resumed; a started folder without one is replaced."""
+    folder = _tool_output(run)
+    done, resumable = ("summary.json", "checkpoint.pt") if run.tool == "train" else ("meta.json", "progress.json")
+    if os.path.isfile(os.path.join(folder, done)):
+        return True, []
+    if os.path.isfile(os.path.join(folder, resumable)):
+        return False, ["--resume"]
+    if os.path.isfile(os.path.join(folder, "run.json")):
+        return False, ["--overwrite"]
+    return False, []
+
+
+def _tool_output(run: Run) -> str:
+    return run.argv[run.argv.index("--output") + 1]
+
+
+def _execute(run: Run, root: str, extra: list[str], state: dict) -> None:
+    """Run one tool invocation in this process, its output in the run's log.txt, and add the wall seconds it
+    took to the state (also when it fails or is stopped). InputError / RunError with the tool's own one-line
+    message when it fails; Stopped when it was stopped."""
+    folder = os.path.join(root, "runs", run.name)
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "command.txt"), "a", encoding="utf-8") as f:
+        f.write(run.command(extra) + "\n")
+    tool = train if run.tool == "train" else invert
+    t0 = time.time()
+    try:
+        with open(os.path.join(folder, "log.txt"), "a", encoding="utf-8", buffering=1) as log, \
+                contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            rc = tool.main(run.argv + extra)
+    finally:
+        state["wall_s"][run.name] = round(state["wall_s"].get(run.name, 0.0) + time.time() - t0, 1)
+        atomic_write_json(state, os.path.join(root, STATE))
+    if rc == 0:
+        return
+    last = _last_line(os.path.join(folder, "log.txt"))
+    if rc in (130, 143):
+        raise Stopped(2 if rc == 130 else 15, f"in run {run.name}")
+    if rc == 2:
+        raise InputError(f"run {run.name} failed (exit 2): {last}")
+    raise RunError(f"run {run.name} failed (exit {rc}): {last}")
+
+
+def _last_line(path: str) -> str:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = [ln.strip() for ln in f if ln.strip()]
+    return lines[-1] if lines else "(no output)"
+
+
+def _open_study(cfg: StudyConfig, root: str, runs: list[Run]) -> dict:
+    """Claim the study folder and read its state (settings, wall seconds per run). Every run already started
+    there must have been started with the command planned now: a folder holding a study of other settings,
+    or anything else, is refused (InputError). Settings that only change runs not yet started may change."""
+    os.makedirs(root, exist_ok=True)
+    claim(root)
+    path = os.path.join(root, STATE)
+    if os.path.isfile(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                state = json.load(f)
+            assert state.get("format") == STATE_FORMAT and isinstance(state.get("wall_s"), dict)
+        except (OSError, ValueError, AssertionError):
+            raise InputError(f"'{path}' is not a study state file; choose another --output") from None
+        for r in runs:
+            cmd = os.path.join(root, "runs", r.name, "command.txt")
+            if os.path.isfile(cmd):
+                with open(cmd, encoding="utf-8") as f:
+                    first = f.readline().strip()
+                if shlex.split(first)[1:] != shlex.split(r.command([]))[1:]:  # the interpreter may differ
+                    raise InputError(f"'{root}' holds a study with other settings (run {r.name} was started as "
+                                     f"'{first}'); rerun it with its own flags or choose another --output")
+    elif any(n != ".dearkd.lock" for n in os.listdir(root)):
+        raise InputError(f"--output '{root}' is not empty and holds no study; choose a new or empty folder")
+    else:
+        state = {"format": STATE_FORMAT, "wall_s": {}}
+    state["settings"] = {"data": cfg.data, "tier": cfg.tier, "data_free": cfg.data_free, "device": cfg.device,
+                         **dataclasses.asdict(cfg.settings)}
+    atomic_write_json(state, path)
+    return state
+
+
+def _data_size(cfg: StudyConfig) -> tuple[int, int]:
+    """(images, classes) of the training split: the progress bar's weights, the data-free set's size."""
+    from .data.folder import resolve_data, scan_image_folder
+
+    source = resolve_data(cfg.data, None, progress=not cfg.no_progress)
+    scan = scan_image_folder(source.train_dir, progress=not cfg.no_progress)
+    return len(scan.samples), len(scan.classes)
+
+
+def run(cfg: StudyConfig) -> dict:
+    root = cfg.folder
+    runs = plan(cfg, root, *_data_size(cfg))
+    state = _open_study(cfg, root, runs)
+    todo = [(r, _status(r)) for r in runs]
+    left = [(r, extra) for r, (done, extra) in todo if not done]
+    print(f"study {cfg.tier} tier on {cfg.data}: {len(runs)} runs, {len(runs) - len(left)} done, {len(left)} to do "
+          f"-> {root}", flush=True)
+    bar = tqdm(total=sum(r.cost for r in runs), initial=sum(r.cost for r, (d, _) in todo if d), unit="img",
+               unit_scale=True, disable=cfg.no_progress, desc="study", dynamic_ncols=True,
+               bar_format="{l_bar}{bar}| {postfix} [{elapsed}<{remaining}]")
+    done_n = len(runs) - len(left)
+    with bar:
+        for r, extra in left:
+            bar.set_postfix_str(f"runs {done_n}/{len(runs)}, now {r.name}")
+            _execute(r, root, extra, state)
+            done_n += 1
+            bar.update(r.cost)
+            bar.set_postfix_str(f"runs {done_n}/{len(runs)}")
+    table = collect(cfg, root, runs, state)
+    write_outputs(root, table)
+    print(table["markdown"])
+    return table
+
+
+# ---------------------------------------------------------------------------------------------- results
+
+
+def _summary(root: str, run: Run) -> dict:
+    name = "summary.json" if run.tool == "train" else "meta.json"
+    with open(os.path.join(_tool_output(run), name), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def machine() -> dict:
+    """Where the study ran: CPU, cores, GPU (if any) and the library versions."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform()}
+
+
+def collect(cfg: StudyConfig, root: str, runs: list[Run], state: dict) -> dict:
+    """The table: per method x fraction the final top-1 of every seed, its mean and std, the epochs and the
+    wall time; the teacher; the data-free rows; the machine."""
+    t = cfg.settings
+    teacher = _summary(root, runs[0])
+    rows = []
+    groups: dict[tuple, list[Run]] = {}
+    for r in runs[1:]:
+        if r.method is not None:
+            groups.setdefault((r.method, r.fraction), []).append(r)
+    for (method, frac), members in groups.items():
+        sums = [_summary(root, r) for r in members]
+        top1 = [s["final_top1"] for s in sums]
+        mean, std = _mean_std(top1)
+        rows.append({"method": method, "fraction": frac, "data_free": frac is None,
+                     "seeds": [r.seed for r in members], "top1": top1, "top1_mean": round(mean, 2),
+                     "top1_std": round(std, 2), "stage1_top1": [s["stage1_top1"] for s in sums],
+                     "epochs": len(sums[0]["epochs"]), "stage_switch_epoch": sums[0]["stage_switch_epoch"],
+                     "num_train_samples": sums[0]["num_train_samples"],
+                     "batch_size": sums[0]["batch_size_per_process"],
+                     "num_val_samples": sums[0]["num_val_samples"],
+                     "wall_s": [state["wall_s"].get(r.name) for r in members],
+                     "curves": [[e["val_top1"] for e in s["epochs"]] for s in sums],
+                     "runs": [r.name for r in members]})
+    synth = {}
+    for r in runs:
+        if r.tool == "invert":
+            m = _summary(root, r)
+            synth[r.name] = {k: m.get(k) for k in ("num_images", "teacher_accuracy", "intra_class_distance")
+                             if k in m} | {"wall_s": state["wall_s"].get(r.name)}
+    table = {"tier": cfg.tier, "data": cfg.data, "settings": {**dataclasses.asdict(t), "fractions": list(t.fractions)},
+             "teacher": {"arch": t.teacher, "top1": teacher["teacher_top1"], "epochs": t.teacher_epochs,
+                         "wall_s": state["wall_s"].get("teacher")},
+             "rows": rows, "synthetic": synth, "total_wall_s": round(sum(v for v in state["wall_s"].values() if v), 1),
+             "machine": machine(), "date": time.strftime("%Y-%m-%d")}
+    table["markdown"] = markdown(table)
+    return table
+
+
+def markdown(table: dict) -> str:
+    s, m = table["settings"], table["machine"]
+    fracs = s["fractions"]
+    where = m["gpu"] or f"{m['cpu']}, {m['cores']} cores"
+    lines = [f"# DearKD study: {_data_name(table['data'])}, {table['tier']} tier", "",
+             f"Student `{s['model']}`, {s['epochs']} epochs, batch {s['batch_size']}, AdamW lr {s['lr']:g}, bf16 autocast; "
+             f"teacher `{table['teacher']['arch']}` trained once for {table['teacher']['epochs']} epochs on the whole "
+             f"training split: top-1 {table['teacher']['top1']:.2f}%. Top-1 (%) of the last epoch on "
+             f"{table['rows'][0]['num_val_samples'] if table['rows'] else '?'} validation images "
+             f"(class-balanced share {s['val_fraction']:g}), mean ± std over seeds (n per cell). "
+             f"Machine: {where}; {table['date']}; all runs together {table['total_wall_s'] / 60:.1f} min.", "",
+             "| method | " + " | ".join(f"{f:.0%} data" for f in fracs) + " | epochs | wall s/run |",
+             "|---|" + "---|" * len(fracs) + "---|---|"]
+    grid = [r for r in table["rows"] if not r["data_free"]]
+    for method in METHODS:
+        cells, walls, epochs = [], [], ""
+        for f in fracs:
+            r = next((r for r in grid if r["method"] == method and r["fraction"] == f), None)
+            cells.append(f"{r['top1_mean']:.2f} ± {r['top1_std']:.2f} (n={len(r['top1'])})" if r else "-")
+            if r:
+                walls += [w for w in r["wall_s"] if w]
+                epochs = str(r["epochs"])
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {epochs} | {statistics.fmean(walls):.0f} |"
+                     if walls else f"| {method} | " + " | ".join(cells) + " | | |")
+    df = [r for r in table["rows"] if r["data_free"]]
+    if df:
+        lines += ["", f"Data-free (students trained only on images synthesised from the teacher, "
+                  f"{s['synthetic_per_class']} per class; batch {df[0]['batch_size']}):", "",
+                  "| method | top-1 (real validation) | epochs | wall s/run |", "|---|---|---|---|"]
+        for r in df:
+            w = [x for x in r["wall_s"] if x]
+            lines.append(f"| {r['method']} | {r['top1_mean']:.2f} ± {r['top1_std']:.2f} (n={len(r['top1'])}) | "
+                         f"{r['epochs']} | {statistics.fmean(w):.0f} |" if w else f"| {r['method']} | "
+                         f"{r['top1_mean']:.2f} | {r['epochs']} | |")
+        for name, v in table["synthetic"].items():
+            bits = ", ".join(f"{k} {v[k]:.3g}" if isinstance(v[k], float) else f"{k} {v[k]}" for k in v if v[k] is not None)
+            lines.append(f"\n`{name}`: {bits}")
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(root: str, table: dict) -> None:
+    """table.md, table.json and the two plots, each written atomically."""
+    with atomic_write(os.path.join(root, "table.md"), "w") as f:
+        f.write(table["markdown"])
+    atomic_write_json({k: v for k, v in table.items() if k != "markdown"}, os.path.join(root, "table.json"))
+    plot(root, table)
+
+
+def plot(root: str, table: dict) -> None:
+    """accuracy_vs_fraction.png (mean +- std per method, the teacher as a line) and val_curves.png
+    (validation top-1 per epoch, mean over seeds, one panel per fraction and one for the data-free rows)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator, NullFormatter
+
+    grid = [r for r in table["rows"] if not r["data_free"]]
+    fracs = table["settings"]["fractions"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in METHODS:
+        rs = sorted((r for r in grid if r["method"] == method), key=lambda r: r["fraction"])
+        if rs:
+            ax.errorbar([100 * r["fraction"] for r in rs], [r["top1_mean"] for r in rs],
+                        yerr=[r["top1_std"] for r in rs], marker="o", capsize=3, label=method)
+    ax.axhline(table["teacher"]["top1"], color="gray", ls="--", lw=1, label=f"teacher {table['teacher']['arch']}")
+    ax.set_xscale("log")
+    ax.set_xticks([100 * f for f in fracs], [f"{100 * f:g}%" for f in fracs])
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("share of the training split")
+    ax.set_ylabel("top-1 (%)")
+    ax.set_title(f"{_data_name(table['data'])} ({table['tier']} tier): accuracy vs data")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, os.path.join(root, "accuracy_vs_fraction.png"))
+    plt.close(fig)
+
+    panels = [(f"{100 * f:g}% data", [r for r in grid if r["fraction"] == f]) for f in fracs]
+    df = [r for r in table["rows"] if r["data_free"]]
+    if df:
+        panels.append(("data-free", df))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.5), squeeze=False)
+    for ax, (title, rs) in zip(axes[0], panels):
+        for r in rs:
+            n = min(len(c) for c in r["curves"])
+            mean = [statistics.fmean(c[i] for c in r["curves"]) for i in range(n)]
+            ax.plot(range(1, n + 1), mean, marker=".", label=r["method"])
+            if r["stage_switch_epoch"] < r["epochs"] and r["stage_switch_epoch"] > 0:
+                ax.axvline(r["stage_switch_epoch"] + 0.5, color="gray", ls=":", lw=0.8)
+        ax.set_title(title)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("validation top-1 (%)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, os.path.join(root, "val_curves.png"))
+    plt.close(fig)
+
+
+def _data_name(data: str) -> str:
+    """'cifar10' for 'cifar10:DIR', a folder's own name for a folder."""
+    name = data.partition(":")[0]
+    return name if name in ("cifar10", "digits") else os.path.basename(os.path.normpath(data))
+
+
+def _save(fig, path: str) -> None:
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(PROG, StudyConfig, DESCRIPTION, run, argv, again="rerun the same command to continue")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""python -m dearkd_fast.study on `digits` with a tiny grid: the outputs exist, a rerun redoes nothing, the
+methods really differ (read from their summaries), an interrupted run is continued, other settings are refused."""
+import json
+import os
+
+import pytest
+
+from dearkd_fast import study
+
+pytestmark = pytest.mark.slow  # runs the tools end to end
+TINY = ["--data", "digits", "--fractions", "0.5", "--seeds", "1", "--epochs", "2", "--teacher-epochs", "1",
+        "--batch-size", "32", "--val-fraction", "0.5", "--workers", "0", "--synthetic-per-class", "2",
+        "--synthetic-epochs", "2", "--invert-iterations", "2", "--device", "cpu", "--no-progress"]
+
+
+def summary(root, run):
+    with open(os.path.join(root, "runs", run, "summary.json")) as f:
+        return json.load(f)
+
+
+def mtimes(root):
+    out = {}
+    for d, _, files in os.walk(root):
+        for f in files:
+            if f in ("summary.json", "meta.json", "checkpoint.pt", "teacher.pt"):
+                out[os.path.join(d, f)] = os.stat(os.path.join(d, f)).st_mtime_ns
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_study(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("study") / "digits-cpu")
+    assert study.main(TINY + ["--output", root]) == 0
+    return root
+
+
+def test_writes_tables_plots_and_every_runs_summary_and_command(tiny_study):
+    root = tiny_study
+    for name in ("table.md", "table.json", "accuracy_vs_fraction.png", "val_curves.png"):
+        assert os.path.getsize(os.path.join(root, name)) > 0, name
+    for name in ("accuracy_vs_fraction.png", "val_curves.png"):
+        with open(os.path.join(root, name), "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    with open(os.path.join(root, "table.json")) as f:
+        table = json.load(f)
+    grid = {r["method"]: r for r in table["rows"] if not r["data_free"]}
+    assert set(grid) == set(study.METHODS)
+    for r in grid.values():
+        assert r["fraction"] == 0.5 and r["epochs"] == 2 and len(r["top1"]) == 1
+        assert r["top1_mean"] == pytest.approx(r["top1"][0], abs=0.01) and r["wall_s"][0] > 0
+        assert len(r["curves"][0]) == 2
+    assert {r["method"] for r in table["rows"] if r["data_free"]} == set(study.DATA_FREE)
+    assert 0 <= table["teacher"]["top1"] <= 100 and table["machine"]["cores"] >= 1
+    # the teacher run is the trainer with --epochs 0: teacher.pt and a summary, no student
+    t = summary(root, "teacher")
+    assert t["teacher_top1"] == table["teacher"]["top1"] and t["final_top1"] is None and t["epochs"] == []
+    assert os.path.isfile(os.path.join(root, "runs", "teacher", "teacher.pt"))
+    assert not os.path.exists(os.path.join(root, "runs", "teacher", "student.pt"))
+    with open(os.path.join(root, "table.md")) as f:
+        md = f.read()
+    assert "| dearkd |" in md and "50% data" in md
+    runs = sorted(os.listdir(os.path.join(root, "runs")))
+    assert len(runs) == 1 + len(study.METHODS) + 2 + len(study.DATA_FREE)
+    for run in runs:
+        with open(os.path.join(root, "runs", run, "command.txt")) as f:
+            cmd = f.read().strip()
+        assert " -m dearkd_fast." in cmd and os.path.join(root, "runs", run) in cmd
+        done = "images/meta.json" if run.startswith("synthetic") else "summary.json"
+        assert os.path.isfile(os.path.join(root, "runs", run, done)), run
+
+
+def test_methods_really_differ(tiny_study):
+    root = tiny_study
+    scratch, deit = summary(root, "scratch-f0.5-s0"), summary(root, "deit-f0.5-s0")
+    dearkd, no2 = summary(root, "dearkd-f0.5-s0"), summary(root, "dearkd-no-stage2-f0.5-s0")
+    # scratch: no teacher was built or called, stage 2 from the first epoch
+    assert scratch["teacher"] is None and scratch["stage_switch_epoch"] == 0
+    assert all(e["stage"] == 2 and e["teacher_calls"] == 0 and "kd" not in e["train"] for e in scratch["epochs"])
+    # DeiT-style: distillation token, no alignment term, never switches
+    assert deit["args"]["beta"] == 0 and deit["teacher"] is not None
+    assert all(e["stage"] == 1 and "kd" in e["train"] and "align" not in e["train"] for e in deit["epochs"])
+    # DearKD: alignment in stage 1, then stage 2 (no teacher calls)
+    stages = [e["stage"] for e in dearkd["epochs"]]
+    assert stages == [1, 2] and "align" in dearkd["epochs"][0]["train"] and dearkd["epochs"][1]["teacher_calls"] == 0
+    # without stage 2: alignment throughout, never switches
+    assert all(e["stage"] == 1 and "align" in e["train"] for e in no2["epochs"])
+    # every student shares architecture, epochs, batch and optimizer
+    keys = ("model", "epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "data_fraction", "hflip")
+    assert len({tuple(s["args"][k] for k in keys) for s in (scratch, deit, dearkd, no2)}) == 1
+    # the teacher is trained once and shared
+    ckpts = {s["args"]["teacher_ckpt"] for s in (deit, dearkd, no2)}
+    assert ckpts == {os.path.join(root, "runs", "teacher", "teacher.pt")}
+    # data-free: students train on the synthesised images (with and without BPID) and validate on real digits
+    bpid, nobpid = summary(root, "df-dearkd-bpid-s0"), summary(root, "df-dearkd-no-bpid-s0")
+    assert bpid["args"]["data"].endswith(os.path.join("synthetic-bpid", "images"))
+    assert nobpid["args"]["data"].endswith(os.path.join("synthetic-nobpid", "images"))
+    assert bpid["args"]["val_data"] == "digits" and bpid["num_train_samples"] == 20
+    metas = [json.load(open(os.path.join(root, "runs", f"synthetic-{k}", "images", "meta.json"))) for k in ("bpid", "nobpid")]
+    assert metas[0]["settings"]["bpid"] > 0 and metas[1]["settings"]["bpid"] == 0
+
+
+def test_rerun_redoes_nothing_and_continues_an_interrupted_run(tiny_study, capsys):
+    root = tiny_study
+    before = mtimes(root)
+    capsys.readouterr()
+    assert study.main(TINY + ["--output", root]) == 0
+    assert "0 to do" in capsys.readouterr().out
+    assert mtimes(root) == before
+    # a run that stopped after its checkpoint and before its summary is continued with --resume, alone
+    os.remove(os.path.join(root, "runs", "scratch-f0.5-s0", "summary.json"))
+    assert study.main(TINY + ["--output", root]) == 0
+    assert "1 to do" in capsys.readouterr().out
+    with open(os.path.join(root, "runs", "scratch-f0.5-s0", "command.txt")) as f:
+        assert f.read().strip().splitlines()[-1].endswith("--resume")
+    after = mtimes(root)
+    changed = {p for p in after if after[p] != before.get(p)}
+    assert changed == {os.path.join(root, "runs", "scratch-f0.5-s0", "summary.json")}
+
+
+def test_other_settings_in_the_same_folder_are_refused(tiny_study, capsys):
+    before = mtimes(tiny_study)
+    assert study.main([a if a != "2" else "3" for a in TINY] + ["--output", tiny_study]) == 2
+    err = capsys.readouterr().err
+    assert "other settings" in err and "epochs" in err and len(err.strip().splitlines()) == 1
+    assert mtimes(tiny_study) == before
+
+
+def test_bad_study_flags_exit_2(tmp_path, capsys):
+    for bad in (["--fractions", "0,0.5"], ["--fractions", "a"], ["--seeds", "0"], ["--tier", "tpu"]):
+        assert study.main(["--data", "digits", "--output", str(tmp_path / "s")] + bad) == 2, bad
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "mine.txt").write_text("keep")
+    assert study.main(TINY + ["--output", str(tmp_path / "busy")]) == 2
+    assert (tmp_path / "busy" / "mine.txt").read_text() == "keep"
