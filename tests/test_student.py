@@ -109,6 +109,19 @@ def test_alignment_blocks_validated():
     assert m(torch.randn(1, 3, 32, 32)).align == [] and len(m.align_proj) == 0
 
 
+def both_paths(m, x):
+    """[output, dx, d(every parameter)] through the fused path and through the explicit one (float64)."""
+    res = []
+    for fused in (True, False):
+        m.fused = fused
+        m.zero_grad()
+        x.grad = None
+        y = m(x)
+        (y * torch.linspace(-1, 1, y.numel(), dtype=torch.float64).view_as(y)).sum().backward()
+        res.append([y.detach(), x.grad.clone()] + [p.grad.clone() for p in m.parameters()])
+    return res
+
+
 @pytest.mark.parametrize("heads,grid", [(1, (3, 3)), (3, (4, 5)), (4, (8, 8)), (12, (2, 7))])
 def test_fused_mhca_matches_the_reference_in_float64(heads, grid):
     """SDPA + one batched product with P equals the full-matrix formulation: output and every gradient."""
@@ -119,18 +132,9 @@ def test_fused_mhca_matches_the_reference_in_float64(heads, grid):
         m.v_pos.add_(torch.randn_like(m.v_pos))
         m.gate_lambda.copy_(torch.randn(heads))
     x = torch.randn(3, NUM_PREFIX_TOKENS + grid[0] * grid[1], dim, dtype=torch.float64, requires_grad=True)
-    outs, grads = [], []
-    for fused in (True, False):
-        m.fused = fused
-        m.zero_grad()
-        x.grad = None
-        y = m(x)
-        (y * torch.linspace(-1, 1, y.numel(), dtype=torch.float64).view_as(y)).sum().backward()
-        outs.append(y.detach())
-        grads.append([x.grad.clone()] + [p.grad.clone() for p in m.parameters()])
-    torch.testing.assert_close(outs[0], outs[1], rtol=1e-10, atol=1e-12)
-    names = ["x"] + [n for n, _ in m.named_parameters()]
-    for name, a, b in zip(names, grads[0], grads[1]):
+    fused, plain = both_paths(m, x)
+    names = ["output", "x"] + [n for n, _ in m.named_parameters()]
+    for name, a, b in zip(names, fused, plain):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11, msg=name)
     assert {"v_pos", "gate_lambda"} <= set(names)
 
@@ -141,17 +145,10 @@ def test_plain_attention_paths_agree_in_float64(heads, tokens):
     torch.manual_seed(heads)
     m = Attention(8 * heads, heads).double()
     x = torch.randn(2, tokens, 8 * heads, dtype=torch.float64, requires_grad=True)
-    res = []
-    for fused in (True, False):
-        m.fused = fused
-        m.zero_grad()
-        x.grad = None
-        y = m(x)
-        (y * torch.linspace(-1, 1, y.numel(), dtype=torch.float64).view_as(y)).sum().backward()
-        res.append([y.detach(), x.grad.clone()] + [p.grad.clone() for p in m.parameters()])
-    for a, b in zip(*res):
+    fused, plain = both_paths(m, x)
+    for a, b in zip(fused, plain):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
-    assert m.fused is False and not res[0][0].isnan().any()
+    assert not fused[0].isnan().any() and len(fused) == 2 + len(list(m.parameters()))
 
 
 def test_fused_mhca_builds_no_batch_attention_matrix():

@@ -74,13 +74,7 @@ class Attention(nn.Module):
         B, T, D = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         p = self.attn_drop if self.training else 0.0
-        if self.fused is not None:
-            fused = self.fused
-        elif torch.jit.is_scripting():
-            fused = x.is_cuda
-        else:
-            fused = _default_fused(x)
-        if fused:
+        if _pick_fused(self.fused, x):
             x = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
         else:
             x = F.dropout(torch.softmax((q * self.head_dim**-0.5) @ k.transpose(-2, -1), dim=-1), p) @ v
@@ -146,13 +140,7 @@ class MHCA(nn.Module):
         B, T, D = x.shape
         q, k = self.qk(x).view(B, T, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         v = self.v(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # [B,H,T,d]
-        if self.fused is not None:
-            fused = self.fused
-        elif torch.jit.is_scripting():
-            fused = x.is_cuda
-        else:
-            fused = _default_fused(x)
-        if fused and not (self.training and self.attn_drop.p > 0):
+        if _pick_fused(self.fused, x) and not (self.training and self.attn_drop.p > 0):
             out = self._attend_fused(q, k, v)
         else:
             out = self._attend_reference(q, k, v)
@@ -178,6 +166,15 @@ class MHCA(nn.Module):
         patch_rows = (1.0 - g) * content[:, :, P:] + F.pad(g * pos, (P, 0))  # keys: prefix get no pos term
         attn = torch.cat([content[:, :, :P], patch_rows], dim=2).to(v.dtype)
         return self.attn_drop(attn) @ v
+
+
+def _pick_fused(choice: Optional[bool], x: Tensor) -> bool:
+    """An attention's path: its `fused` attribute when set, else the fused kernels for CUDA inputs."""
+    if choice is not None:
+        return choice
+    if torch.jit.is_scripting():
+        return x.is_cuda
+    return _default_fused(x)
 
 
 @torch.jit.ignore
