@@ -557,9 +557,9 @@ STUDY_TIERS: dict[str, StudyTier] = {
     "cpu": StudyTier(model="dearkd_nano_patch4_32", teacher="cifar_resnet20", teacher_epochs=3, epochs=4, batch_size=128,
                      lr=2e-3, warmup_epochs=1, fractions=(0.1, 0.25), seeds=2, val_fraction=0.25, workers=2,
                      synthetic_per_class=10, synthetic_epochs=10, synthetic_batch_size=32, invert_iterations=80),
-    "gpu": StudyTier(model="dearkd_tiny_patch4_32", teacher="cifar_resnet20", teacher_epochs=4, epochs=2, batch_size=512,
-                     lr=2e-3, warmup_epochs=1, fractions=(0.1, 0.25, 0.5, 1.0), seeds=2, val_fraction=0.5, workers=12,
-                     synthetic_per_class=50, synthetic_epochs=8, synthetic_batch_size=128, invert_iterations=120),
+    "gpu": StudyTier(model="dearkd_tiny_patch4_32", teacher="cifar_resnet20", teacher_epochs=3, epochs=2, batch_size=512,
+                     lr=2e-3, warmup_epochs=1, fractions=(0.1, 0.25, 0.5, 1.0), seeds=2, val_fraction=0.4, workers=12,
+                     synthetic_per_class=30, synthetic_epochs=8, synthetic_batch_size=128, invert_iterations=120),
 }
 
 
