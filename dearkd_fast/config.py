@@ -625,9 +625,9 @@ class StudyConfig:
 
     @property
     def folder(self) -> str:
-        name = self.data.partition(":")[0] if self.data.startswith(("cifar10", "digits")) else \
-            os.path.basename(os.path.normpath(self.data))
-        return self.output or os.path.join("results", f"{name}-{self.tier}")
+        from .data.folder import data_name
+
+        return self.output or os.path.join("results", f"{data_name(self.data)}-{self.tier}")
 
 
 def _flag_fields(cls) -> list[tuple[dataclasses.Field, Any, tuple[str, ...]]]:

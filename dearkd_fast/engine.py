@@ -170,8 +170,10 @@ def train_one_epoch(step: TrainStep, loader, *, mixup_fn: Callable | None = None
 
 
 def _check_bad_run(worst_run: Tensor, at_step: int, max_bad_steps: int) -> None:
-    worst = int(worst_run.item()) if max_bad_steps > 0 else 0
-    if max_bad_steps > 0 and worst >= max_bad_steps:
+    if max_bad_steps <= 0:  # never stop: no need to read the device
+        return
+    worst = int(worst_run.item())
+    if worst >= max_bad_steps:
         raise RunError(f"{worst} steps in a row had a non-finite loss (skipped) by step "
                        f"{at_step} of the epoch; the last checkpoint is intact: lower --lr or use --max-norm, then "
                        "--resume")

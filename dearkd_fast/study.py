@@ -27,6 +27,7 @@ import json
 import os
 import platform
 import shlex
+import signal
 import statistics
 import sys
 import time
@@ -37,8 +38,9 @@ from tqdm import tqdm
 
 from . import invert, train
 from .checkpoint import atomic_write, atomic_write_json
-from .cli import claim, run_cli
+from .cli import LOCK, claim, run_cli
 from .config import StudyConfig, stage_switch
+from .data.folder import builtin_name, data_name, resolve_data, scan_image_folder
 from .errors import InputError, RunError, Stopped
 
 __all__ = ["METHODS", "Run", "plan", "main"]
@@ -48,19 +50,20 @@ DESCRIPTION = "The study of DearKD's claims: scratch / DeiT-style / DearKD / Dea
               "fractions and seeds, and data-free DearKD with and without BPID; tables and plots."
 STATE = "study.json"
 STATE_FORMAT = "dearkd_fast.study/1"
+# tool -> (the file a finished run leaves, the file a stopped run continues from)
+MARKERS = {"train": ("summary.json", "checkpoint.pt"), "invert": ("meta.json", "progress.json")}
 
 def _switch(epochs: int) -> int:
     """DearKD's stage-1 epochs: the trainer's default (2/3, rounded up), but at least one epoch of stage 2."""
     return max(1, min(stage_switch(epochs, None), epochs - 1)) if epochs > 1 else epochs
 
 
-# method -> (trainer flags given E, uses the teacher, description)
+# method -> (trainer flags given E, uses the teacher); the module docstring says what each is
 METHODS: dict[str, tuple] = {
-    "scratch": (lambda e: ["--stage1-epochs", "0"], False, "no teacher"),
-    "deit": (lambda e: ["--beta", "0", "--stage1-epochs", str(e)], True,
-             "hard distillation token, no alignment, no stage 2"),
-    "dearkd": (lambda e: ["--stage1-epochs", str(_switch(e))], True, "alignment + distillation token, then stage 2"),
-    "dearkd-no-stage2": (lambda e: ["--stage1-epochs", str(e)], True, "alignment + distillation token, no stage 2"),
+    "scratch": (lambda e: ["--stage1-epochs", "0"], False),
+    "deit": (lambda e: ["--beta", "0", "--stage1-epochs", str(e)], True),
+    "dearkd": (lambda e: ["--stage1-epochs", str(_switch(e))], True),
+    "dearkd-no-stage2": (lambda e: ["--stage1-epochs", str(e)], True),
 }
 # data-free rows: (images synthesised with BPID?, trainer flags given E)
 DATA_FREE: dict[str, tuple] = {
@@ -96,18 +99,25 @@ def plan(cfg: StudyConfig, root: str, num_train: int, num_classes: int) -> list[
     t = cfg.settings
     runs_dir = os.path.join(root, "runs")
     teacher_ckpt = os.path.join(runs_dir, "teacher", "teacher.pt")
-    common = ["--data", cfg.data, "--model", t.model, "--teacher", t.teacher, "--batch-size", str(t.batch_size),
-              "--lr", f"{t.lr:g}", "--warmup-epochs", str(t.warmup_epochs), "--val-fraction", f"{t.val_fraction:g}",
-              "--workers", str(t.workers), "--amp", "--device", cfg.device, "--no-progress"]
-    out = lambda name: ["--output", os.path.join(runs_dir, name)]  # noqa: E731
-    runs = [Run("teacher", "train", common + ["--epochs", "0", "--teacher-epochs", str(t.teacher_epochs)] + out("teacher"),
-                cost=t.teacher_epochs * num_train)]
+
+    models = ["--model", t.model, "--teacher", t.teacher]
+
+    def trainer(head: list[str], batch_size: int, name: str, *flags: str) -> list[str]:
+        """The trainer's argv of a run: its data and models, what every run shares, its own flags, its folder."""
+        return head + ["--batch-size", str(batch_size), "--lr", f"{t.lr:g}", "--warmup-epochs", str(t.warmup_epochs),
+                       "--val-fraction", f"{t.val_fraction:g}", "--workers", str(t.workers), "--amp",
+                       "--device", cfg.device, "--no-progress", *flags, "--output", os.path.join(runs_dir, name)]
+
+    real = ["--data", cfg.data] + models
+    runs = [Run("teacher", "train", trainer(real, t.batch_size, "teacher", "--epochs", "0", "--teacher-epochs",
+                                            str(t.teacher_epochs)), cost=t.teacher_epochs * num_train)]
     for frac in t.fractions:
         for seed in range(t.seeds):
-            for method, (flags, uses_teacher, _) in METHODS.items():
+            for method, (flags, uses_teacher) in METHODS.items():
                 name = f"{method}-f{_frac(frac)}-s{seed}"
-                argv = common + ["--epochs", str(t.epochs), "--data-fraction", _frac(frac), "--seed", str(seed)]
-                argv += flags(t.epochs) + (["--teacher-ckpt", teacher_ckpt] if uses_teacher else []) + out(name)
+                argv = trainer(real, t.batch_size, name, "--epochs", str(t.epochs), "--data-fraction", _frac(frac),
+                               "--seed", str(seed), *flags(t.epochs),
+                               *(["--teacher-ckpt", teacher_ckpt] if uses_teacher else []))
                 runs.append(Run(name, "train", argv, cost=t.epochs * frac * num_train, method=method, fraction=frac,
                                 seed=seed))
     if cfg.data_free:
@@ -123,12 +133,9 @@ def plan(cfg: StudyConfig, root: str, num_train: int, num_classes: int) -> list[
             for seed in range(t.seeds):
                 synth = os.path.join(runs_dir, f"synthetic-{'bpid' if bpid else 'nobpid'}", "images")
                 name = method.replace("data-free ", "df-").replace(", ", "-").replace(" ", "-").lower() + f"-s{seed}"
-                argv = ["--data", synth, "--val-data", _val_spec(cfg.data), "--model", t.model, "--teacher", t.teacher,
-                        "--teacher-ckpt", teacher_ckpt, "--batch-size", str(min(t.synthetic_batch_size, n_synth)),
-                        "--lr", f"{t.lr:g}", "--warmup-epochs", str(t.warmup_epochs),
-                        "--val-fraction", f"{t.val_fraction:g}", "--workers", str(t.workers), "--amp",
-                        "--device", cfg.device, "--no-progress", "--epochs", str(t.synthetic_epochs),
-                        "--seed", str(seed)] + flags(t.synthetic_epochs) + out(name)
+                head = ["--data", synth, "--val-data", _val_spec(cfg.data), *models, "--teacher-ckpt", teacher_ckpt]
+                argv = trainer(head, min(t.synthetic_batch_size, n_synth), name, "--epochs", str(t.synthetic_epochs),
+                               "--seed", str(seed), *flags(t.synthetic_epochs))
                 runs.append(Run(name, "train", argv, cost=t.synthetic_epochs * (n_synth + 0.2 * num_train * t.val_fraction),
                                 method=method, seed=seed))
     return runs
@@ -136,8 +143,7 @@ def plan(cfg: StudyConfig, root: str, num_train: int, num_classes: int) -> list[
 
 def _val_spec(data: str) -> str:
     """--val-data for students trained on synthetic images: the real validation split of --data."""
-    name = data.partition(":")[0]
-    if name in ("cifar10", "digits"):
+    if builtin_name(data):
         return data  # a built-in name as --val-data is that set's validation split
     raise InputError(f"--data-free needs a built-in data set (cifar10, digits) for its real validation split; "
                      f"pass --no-data-free with '{data}'")
@@ -147,7 +153,7 @@ def _status(run: Run) -> tuple[bool, list[str]]:
     """(finished, the flags that continue it): a summary (or meta.json) means done; a checkpoint (or
     progress.json) is resumed; a started folder without one is replaced."""
     folder = _tool_output(run)
-    done, resumable = ("summary.json", "checkpoint.pt") if run.tool == "train" else ("meta.json", "progress.json")
+    done, resumable = MARKERS[run.tool]
     if os.path.isfile(os.path.join(folder, done)):
         return True, []
     if os.path.isfile(os.path.join(folder, resumable)):
@@ -182,7 +188,7 @@ def _execute(run: Run, root: str, extra: list[str], state: dict) -> None:
         return
     last = _last_line(os.path.join(folder, "log.txt"))
     if rc in (130, 143):
-        raise Stopped(2 if rc == 130 else 15, f"in run {run.name}")
+        raise Stopped(signal.SIGINT if rc == 130 else signal.SIGTERM, f"in run {run.name}")
     if rc == 2:
         raise InputError(f"run {run.name} failed (exit 2): {last}")
     raise RunError(f"run {run.name} failed (exit {rc}): {last}")
@@ -216,7 +222,7 @@ def _open_study(cfg: StudyConfig, root: str, runs: list[Run]) -> dict:
                 if shlex.split(first)[1:] != shlex.split(r.command([]))[1:]:  # the interpreter may differ
                     raise InputError(f"'{root}' holds a study with other settings (run {r.name} was started as "
                                      f"'{first}'); rerun it with its own flags or choose another --output")
-    elif any(n != ".dearkd.lock" for n in os.listdir(root)):
+    elif any(n != LOCK for n in os.listdir(root)):
         raise InputError(f"--output '{root}' is not empty and holds no study; choose a new or empty folder")
     else:
         state = {"format": STATE_FORMAT, "wall_s": {}}
@@ -228,8 +234,6 @@ def _open_study(cfg: StudyConfig, root: str, runs: list[Run]) -> dict:
 
 def _data_size(cfg: StudyConfig) -> tuple[int, int]:
     """(images, classes) of the training split: the progress bar's weights, the data-free set's size."""
-    from .data.folder import resolve_data, scan_image_folder
-
     source = resolve_data(cfg.data, None, progress=not cfg.no_progress)
     scan = scan_image_folder(source.train_dir, progress=not cfg.no_progress)
     return len(scan.samples), len(scan.classes)
@@ -263,9 +267,8 @@ def run(cfg: StudyConfig) -> dict:
 # ---------------------------------------------------------------------------------------------- results
 
 
-def _summary(root: str, run: Run) -> dict:
-    name = "summary.json" if run.tool == "train" else "meta.json"
-    with open(os.path.join(_tool_output(run), name), encoding="utf-8") as f:
+def _summary(run: Run) -> dict:
+    with open(os.path.join(_tool_output(run), MARKERS[run.tool][0]), encoding="utf-8") as f:
         return json.load(f)
 
 
@@ -289,14 +292,14 @@ def collect(cfg: StudyConfig, root: str, runs: list[Run], state: dict) -> dict:
     """The table: per method x fraction the final top-1 of every seed, its mean and std, the epochs and the
     wall time; the teacher; the data-free rows; the machine."""
     t = cfg.settings
-    teacher = _summary(root, runs[0])
+    teacher = _summary(runs[0])
     rows = []
     groups: dict[tuple, list[Run]] = {}
     for r in runs[1:]:
         if r.method is not None:
             groups.setdefault((r.method, r.fraction), []).append(r)
     for (method, frac), members in groups.items():
-        sums = [_summary(root, r) for r in members]
+        sums = [_summary(r) for r in members]
         top1 = [s["final_top1"] for s in sums]
         mean, std = _mean_std(top1)
         rows.append({"method": method, "fraction": frac, "data_free": frac is None,
@@ -312,7 +315,7 @@ def collect(cfg: StudyConfig, root: str, runs: list[Run], state: dict) -> dict:
     synth = {}
     for r in runs:
         if r.tool == "invert":
-            m = _summary(root, r)
+            m = _summary(r)
             synth[r.name] = {k: m.get(k) for k in ("num_images", "teacher_accuracy", "intra_class_distance")
                              if k in m} | {"wall_s": state["wall_s"].get(r.name)}
     table = {"tier": cfg.tier, "data": cfg.data, "settings": {**dataclasses.asdict(t), "fractions": list(t.fractions)},
@@ -328,7 +331,7 @@ def markdown(table: dict) -> str:
     s, m = table["settings"], table["machine"]
     fracs = s["fractions"]
     where = m["gpu"] or f"{m['cpu']}, {m['cores']} cores"
-    lines = [f"# DearKD study: {_data_name(table['data'])}, {table['tier']} tier", "",
+    lines = [f"# DearKD study: {data_name(table['data'])}, {table['tier']} tier", "",
              f"Student `{s['model']}`, {s['epochs']} epochs, batch {s['batch_size']}, AdamW lr {s['lr']:g}, bf16 autocast; "
              f"teacher `{table['teacher']['arch']}` trained once for {table['teacher']['epochs']} epochs on the whole "
              f"training split: top-1 {table['teacher']['top1']:.2f}%. Top-1 (%) of the last epoch on "
@@ -395,7 +398,7 @@ def plot(root: str, table: dict) -> None:
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("share of the training split")
     ax.set_ylabel("top-1 (%)")
-    ax.set_title(f"{_data_name(table['data'])} ({table['tier']} tier): accuracy vs data")
+    ax.set_title(f"{data_name(table['data'])} ({table['tier']} tier): accuracy vs data")
     ax.legend(fontsize=8)
     fig.tight_layout()
     _save(fig, os.path.join(root, "accuracy_vs_fraction.png"))
@@ -421,12 +424,6 @@ def plot(root: str, table: dict) -> None:
     fig.tight_layout()
     _save(fig, os.path.join(root, "val_curves.png"))
     plt.close(fig)
-
-
-def _data_name(data: str) -> str:
-    """'cifar10' for 'cifar10:DIR', a folder's own name for a folder."""
-    name = data.partition(":")[0]
-    return name if name in ("cifar10", "digits") else os.path.basename(os.path.normpath(data))
 
 
 def _save(fig, path: str) -> None:

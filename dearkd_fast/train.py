@@ -244,11 +244,11 @@ def fit(cfg: TrainConfig, out: OutputFolder, s: Student, data: DataBundle, teach
             t0, calls0 = time.time(), teacher.calls if teacher is not None else 0
 
             def after_step(st: engine.EpochState, epoch: int = epoch) -> None:
-                if cfg.checkpoint_every and (epoch * s.steps_per_epoch + st.step) % cfg.checkpoint_every == 0:
-                    save_checkpoint(cfg, out, s, data, epoch, st)
                 signum = agreed_stop(stop.signum, st.step, device)
-                if signum:
+                due = cfg.checkpoint_every and (epoch * s.steps_per_epoch + st.step) % cfg.checkpoint_every == 0
+                if signum or due:  # one checkpoint when both fall on this step
                     save_checkpoint(cfg, out, s, data, epoch, st)
+                if signum:
                     raise Stopped(signum, f"at epoch {epoch + 1}, step {st.step}")
 
             train = engine.train_one_epoch(s.step, data.train, mixup_fn=mix, progress=cfg.run.progress, state=state,

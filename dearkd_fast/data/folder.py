@@ -30,6 +30,8 @@ __all__ = [
     "FolderScan",
     "IMG_EXTENSIONS",
     "cache_root",
+    "builtin_name",
+    "data_name",
     "scan_image_folder",
     "balanced_subset",
     "holdout_split",
@@ -348,9 +350,15 @@ def _cifar10_dir(arg: str) -> str:
     return tar_dir
 
 
-def _builtin_name(spec: str) -> str | None:
+def builtin_name(spec: str) -> str | None:
+    """The built-in set a --data / --val-data value names ('cifar10' for 'cifar10:DIR'), else None."""
     name = spec.partition(":")[0]
     return name if name in BUILTIN_SETS and (spec == name or name == "cifar10") else None
+
+
+def data_name(spec: str) -> str:
+    """The short name of a --data value: the built-in set's, else the folder's own."""
+    return builtin_name(spec) or os.path.basename(os.path.normpath(spec))
 
 
 def resolve_data(data: str, val_data: str | None, progress: bool = True) -> DataSource:
@@ -360,14 +368,14 @@ def resolve_data(data: str, val_data: str | None, progress: bool = True) -> Data
     evaluate on real digits). For `cifar10` without a DIR the folder comes from the environment
     variable DEARKD_CIFAR10_DIR.
     """
-    name = _builtin_name(data)
+    name = builtin_name(data)
     if name is None:
-        source = DataSource(data, None, os.path.basename(os.path.normpath(data)))
+        source = DataSource(data, None, data_name(data))
     else:
         build, hflip = BUILTIN_SETS[name]
         source = DataSource(*build(data.partition(":")[2], progress), name, hflip)
     if val_data is not None:
-        vname = _builtin_name(val_data)
+        vname = builtin_name(val_data)
         val_dir = BUILTIN_SETS[vname][0](val_data.partition(":")[2], progress)[1] if vname else val_data
         source = DataSource(source.train_dir, val_dir, source.name, source.hflip)
     return source
