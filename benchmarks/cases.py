@@ -4,7 +4,7 @@ Each case is a forward+backward closure over fixed inputs plus the fewest bytes 
 (each input read once per pass, each output written once), so GB/s can be reported.
 Variants: "eager" (reference.py, fp32 math), "compiled" (torch.compile of the reference),
 "deepinversion" (the public DeepInversion hook's way: mean + permute/contiguous/view/var),
-"triton" (dearkd_fast.ops, backend="triton").
+"triton" (dearkd_fast.ops, backend="triton"; GPU), "native" (backend="native", the C++ ops; CPU).
 """
 from __future__ import annotations
 
@@ -25,9 +25,11 @@ GPU = torch.cuda.is_available()
 DEV = "cuda" if GPU else "cpu"
 BF16 = torch.bfloat16
 
-# shapes of record on a GPU; CPU runs use smaller shapes of the same form (the 2-core machine)
-BN_SHAPE = (256, 64, 56, 56) if GPU else (16, 64, 28, 28)
-ALIGN_SHAPE = dict(B=256, N=196, D=384, C=256) if GPU else dict(B=8, N=196, D=384, C=256)
+# shapes of record on a GPU; on a CPU (the 2-core machine) the native backend's shapes of record (issue 13):
+# one BN layer [32,64,56,56] channels_last, alignment B=32, N=196, D=192, C=128
+BN_SHAPE = (256, 64, 56, 56) if GPU else (32, 64, 56, 56)
+BN_CHANNELS_LAST = not GPU
+ALIGN_SHAPE = dict(B=256, N=196, D=384, C=256) if GPU else dict(B=32, N=196, D=192, C=128)
 RESNET50_BATCH, RESNET50_SIZE = (84, 224) if GPU else (2, 64)
 
 
@@ -43,8 +45,8 @@ def _bn_fn(variant):
         return lambda xs, rms, rvs: sum(deepinversion_bn_loss(x, m, v) for x, m, v in zip(xs, rms, rvs))
     if variant == "compiled":
         return _compiled(_bn_fn("eager"))
-    if variant == "triton":
-        return lambda xs, rms, rvs: ops.bn_stat_losses(xs, rms, rvs, backend="triton").sum()
+    if variant in ("triton", "native"):
+        return lambda xs, rms, rvs: ops.bn_stat_losses(xs, rms, rvs, backend=variant).sum()
     raise ValueError(variant)
 
 
@@ -95,8 +97,8 @@ def align_case(variant: str, B: int, N: int, D: int, C: int, dtype=BF16):
     weight = (torch.randn(C, D, device=DEV, generator=g) / D**0.5).requires_grad_()
     bias = torch.zeros(C, device=DEV).requires_grad_()
     target = torch.randn(B, C, side, side, device=DEV, generator=g).to(dtype).to(memory_format=torch.channels_last)
-    if variant == "triton":
-        fn = functools.partial(ops.feature_align_loss, backend="triton")
+    if variant in ("triton", "native"):
+        fn = functools.partial(ops.feature_align_loss, backend=variant)
     elif variant == "eager":
         fn = functools.partial(ops.feature_align_loss, backend="torch")
     elif variant == "compiled":
@@ -115,8 +117,8 @@ def align_case(variant: str, B: int, N: int, D: int, C: int, dtype=BF16):
     return run, nbytes
 
 
-BN_VARIANTS = ["eager", "deepinversion", "compiled", "triton"]
-ALIGN_VARIANTS = ["eager", "compiled", "triton"]
+BN_VARIANTS = ["eager", "deepinversion", "compiled", "triton", "native"]
+ALIGN_VARIANTS = ["eager", "compiled", "triton", "native"]
 
 
 # ---- input pipeline
@@ -166,8 +168,10 @@ class PublicBNHook:
 def inversion_case(variant: str, arch: str, batch: int, res: int, num_classes: int):
     """One DeepInversion iteration (forward, backward, Adam step on the images).
 
-    "public": fp32 eager, per-layer hooks; "fast": DeepInversionLoss (grouped ops.bn_stat_losses, the
-    fused kernel on CUDA), bf16 autocast, channels_last on CUDA; "fast-compiled": plus torch.compile.
+    "public": fp32 eager, per-layer hooks; "fast": DeepInversionLoss (grouped ops.bn_stat_losses, backend
+    "auto": Triton on CUDA, the native ops on a CPU when built), bf16 autocast, channels_last on CUDA;
+    "fast-torch": "fast" with backend "torch" (the CPU path before the native backend); "fast-compiled":
+    "fast" plus torch.compile of the teacher.
     """
     from dearkd_fast.losses import DeepInversionLoss
     from dearkd_fast.models.teacher import create_teacher_model
@@ -194,14 +198,15 @@ def inversion_case(variant: str, arch: str, batch: int, res: int, num_classes: i
             opt.step()
 
         return step
-    if variant not in ("fast", "fast-compiled"):
+    if variant not in ("fast", "fast-torch", "fast-compiled"):
         raise ValueError(variant)
     if GPU:
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     x.requires_grad_()
     opt = torch.optim.Adam([x], lr=0.1, betas=(0.5, 0.9))
-    crit = DeepInversionLoss(model)  # the public coefficients (INVERSION[("deepinversion", "224")]) are its defaults
+    # the public coefficients (INVERSION[("deepinversion", "224")]) are its defaults
+    crit = DeepInversionLoss(model, backend="torch" if variant == "fast-torch" else "auto")
     if variant == "fast-compiled":
         crit.teacher = torch.compile(model)
 
@@ -215,7 +220,7 @@ def inversion_case(variant: str, arch: str, batch: int, res: int, num_classes: i
     return step
 
 
-INVERT_VARIANTS = ["public", "fast", "fast-compiled"]
+INVERT_VARIANTS = ["public", "fast-torch", "fast", "fast-compiled"]
 
 
 # ---- training step (stage 1 and stage 2), in-memory synthetic batches

@@ -1,13 +1,15 @@
 """Speed of the fused kernels against the plain paths: `pytest benchmarks/test_kernels.py --benchmark-only`.
 
-On a CPU the "triton" variants are skipped (the Triton interpreter measures nothing useful) and the
-shapes are scaled down (benchmarks/cases.py); on a GPU the shapes of record are used.
+On a CPU the "triton" variants are skipped (the Triton interpreter measures nothing useful), "native" runs
+when its library is built (python -m dearkd_fast.native), and the CPU shapes of record are used
+(benchmarks/cases.py); on a GPU the GPU shapes of record, and "native" is skipped (it takes CPU tensors).
 """
 import pytest
 import torch
 from cases import (
     ALIGN_SHAPE,
     ALIGN_VARIANTS,
+    BN_CHANNELS_LAST,
     BN_SHAPE,
     BN_VARIANTS,
     GPU,
@@ -41,13 +43,20 @@ def _bench(benchmark, run, nbytes, rounds=5):
 def _skip_cpu_triton(variant):
     if variant == "triton" and not GPU:
         pytest.skip("Triton variants are timed on a GPU only (benchmarks/gpu_check.sh)")
+    if variant == "native":
+        from dearkd_fast import native
+
+        if GPU:
+            pytest.skip("the native backend takes CPU tensors; timed on the CPU machine")
+        if native.unavailable_reason():
+            pytest.skip(f"backend 'native' is absent: {native.unavailable_reason()}")
 
 
 @pytest.mark.parametrize("variant", BN_VARIANTS)
 @pytest.mark.benchmark(group="bn_stat_loss one layer bf16 fwd+bwd")
 def test_bn_one_layer(benchmark, variant):
     _skip_cpu_triton(variant)
-    _bench(benchmark, *bn_case(variant, [BN_SHAPE]))
+    _bench(benchmark, *bn_case(variant, [BN_SHAPE], channels_last=BN_CHANNELS_LAST))
 
 
 @pytest.mark.parametrize("variant", BN_VARIANTS)

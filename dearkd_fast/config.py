@@ -26,7 +26,7 @@ __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "SMALL_IMAGE_MAX", "InversionPreset", "SizePreset", "PRESETS", "preset_for",
     "INVERSION", "OBJECTIVES", "inversion_preset",
     "RunConfig", "DataConfig", "stage_switch", "TrainConfig", "InvertConfig", "SynthesisSettings", "build_parser",
-    "from_argv", "flag_table", "flat", "StudyTier", "STUDY_TIERS", "StudyConfig",
+    "from_argv", "flag_table", "flat", "StudyTier", "STUDY_TIERS", "StudyConfig", "NativeConfig",
 ]
 
 # ImageNet normalisation: the statistics of every registered model of this project (timm's defaults too)
@@ -527,6 +527,18 @@ class InvertConfig:
 # ---------------------------------------------------------------------------------------------- parsing
 
 
+
+@dataclass(frozen=True, kw_only=True)
+class NativeConfig:
+    """Every setting of python -m dearkd_fast.native: build the native CPU backend (kernels/native/)."""
+
+    force: bool = flag(False, "rebuild even when a library for these sources, this torch and this CPU exists",
+                       group="build")
+    strict: bool = flag(False, "exit 1 when the library cannot be built (default: say why, exit 0: the package "
+                        "works without it, backend 'native' is then absent)", group="build")
+    no_progress: bool = flag(False, "no progress bar", group="run")
+
+
 # ---------------------------------------------------------------------------------------------- the study
 
 
@@ -737,7 +749,9 @@ def flag_table(cls) -> str:
     return "\n".join(rows) + "\n"
 
 
-if __name__ == "__main__":  # python -m dearkd_fast.config train|invert: the README's flag table of a tool
+TOOL_CONFIGS = {"train": TrainConfig, "invert": InvertConfig, "study": StudyConfig, "native": NativeConfig}
+
+if __name__ == "__main__":  # python -m dearkd_fast.config train|invert|study|native: the README's flag table of a tool
     import sys
 
-    print(flag_table({"train": TrainConfig, "invert": InvertConfig, "study": StudyConfig}[sys.argv[1]]), end="")
+    print(flag_table(TOOL_CONFIGS[sys.argv[1]]), end="")

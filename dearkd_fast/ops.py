@@ -1,14 +1,16 @@
 """THE dispatch point between the fused kernels and the plain-PyTorch reference.
 
 backend: "auto" (default) | "triton" | "native" | "torch". "auto" reads the environment variable
-DEARKD_BACKEND, and otherwise picks "triton" for CUDA tensors when Triton imports, else "torch".
-A forced choice that cannot run on the given tensors raises BackendError; nothing falls back
-silently.
+DEARKD_BACKEND, and otherwise picks "triton" for CUDA tensors when Triton imports, "native" for CPU
+tensors of float32/bfloat16/float16 when the native library is built (python -m dearkd_fast.native),
+else "torch". A forced choice that cannot run on the given tensors raises BackendError; nothing falls
+back silently.
 """
 from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 
 import torch
 from torch import Tensor
@@ -33,12 +35,20 @@ def _triton_importable() -> bool:
     return _TRITON
 
 
+NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@torch.compiler.assume_constant_result  # traced code takes the answer at trace time (no file lookup in a graph)
 def _native_importable() -> bool:
-    return importlib.util.find_spec("dearkd_fast._native") is not None
+    """The native library for these sources, this torch and this CPU is built (or already loaded)."""
+    from . import native  # not at import time: `python -m dearkd_fast.native` runs that module as __main__
+
+    return "dearkd_fast.kernels.native_ops" in sys.modules or native.library_path().is_file()
 
 
 def available_backends() -> list[str]:
-    """Backends usable on this machine: "torch" always; "triton" with CUDA or under TRITON_INTERPRET=1."""
+    """Backends usable on this machine: "torch" always; "triton" with CUDA or under TRITON_INTERPRET=1;
+    "native" (CPU tensors) when its library is built."""
     names = ["torch"]
     if _triton_importable() and (torch.cuda.is_available() or _interpreting()):
         names.insert(0, "triton")
@@ -56,7 +66,9 @@ def resolve_backend(backend: str, x: Tensor) -> str:
         if backend not in BACKENDS:
             raise BackendError(f"DEARKD_BACKEND='{backend}' is not one of {', '.join(BACKENDS)}")
         if backend == "auto":
-            return "triton" if x.is_cuda and _triton_importable() else "torch"
+            if x.is_cuda:
+                return "triton" if _triton_importable() else "torch"
+            return "native" if x.device.type == "cpu" and x.dtype in NATIVE_DTYPES and _native_importable() else "torch"
     if backend == "triton":
         if not _triton_importable():
             raise BackendError("backend 'triton' asked for, but triton is not installed")
@@ -64,8 +76,15 @@ def resolve_backend(backend: str, x: Tensor) -> str:
             raise BackendError(
                 f"backend 'triton' needs CUDA tensors (got {x.device}); set TRITON_INTERPRET=1 to run it on the CPU"
             )
-    if backend == "native" and not _native_importable():
-        raise BackendError("backend 'native' asked for, but the native extension is not built")
+    if backend == "native":
+        if not _native_importable():
+            from . import native
+
+            raise BackendError(f"backend 'native' asked for, but {native.unavailable_reason()}")
+        if x.device.type != "cpu":
+            raise BackendError(f"backend 'native' runs on CPU tensors (got {x.device})")
+        if x.dtype not in NATIVE_DTYPES:
+            raise BackendError(f"backend 'native' takes float32, bfloat16 or float16 (got {x.dtype})")
     return backend
 
 
@@ -91,7 +110,9 @@ def feature_align_loss(tokens: Tensor, weight: Tensor, bias: Tensor | None, targ
 
         return feature_align.feature_align_loss(tokens, weight, bias, target)
     if chosen == "native":
-        raise BackendError("backend 'native' has no feature_align_loss yet")
+        from .kernels import native_ops
+
+        return native_ops.feature_align_loss(tokens, weight, bias, target)
     return reference.feature_align_loss(tokens, weight, bias, target)
 
 
@@ -102,8 +123,8 @@ def bn_stat_loss(x: Tensor, running_mean: Tensor, running_var: Tensor, *, backen
 
 def bn_stat_losses(xs: list[Tensor], running_means: list[Tensor], running_vars: list[Tensor], *,
                    backend: str = "auto") -> Tensor:
-    """bn_stat_loss of many layers at once: an [L] fp32 tensor. The Triton path finalises every
-    layer's statistics together (one moments launch per layer, then about 25 launches for all layers)."""
+    """bn_stat_loss of many layers at once: an [L] fp32 tensor. The fused paths compute every layer's
+    moments in one op and finalise all layers together (kernels/glue.py)."""
     if not (len(xs) == len(running_means) == len(running_vars)) or not xs:
         raise InputError("bn_stat_losses: give one running mean and variance per input, and at least one input")
     for x, m, v in zip(xs, running_means, running_vars):
@@ -114,5 +135,7 @@ def bn_stat_losses(xs: list[Tensor], running_means: list[Tensor], running_vars: 
 
         return bn_stat.bn_stat_losses(xs, running_means, running_vars)
     if chosen == "native":
-        raise BackendError("backend 'native' has no bn_stat_loss yet")
+        from .kernels import native_ops
+
+        return native_ops.bn_stat_losses(xs, running_means, running_vars)
     return reference.bn_stat_losses(xs, running_means, running_vars)

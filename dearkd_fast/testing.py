@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-__all__ = ["write_image_folder", "public_bn_loss", "make_teacher", "make_student", "folder_data"]
+__all__ = ["write_image_folder", "public_bn_loss", "make_teacher", "make_student", "folder_data", "require_native"]
 
 
 def write_image_folder(root, counts: dict[str, int], size=(32, 32), seed: int = 0, ext: str = "jpg") -> str:
@@ -21,6 +21,22 @@ def write_image_folder(root, counts: dict[str, int], size=(32, 32), seed: int = 
             arr = torch.randint(0, 256, (size[1], size[0], 3), generator=g, dtype=torch.uint8).numpy()
             Image.fromarray(arr).save(os.path.join(root, cls, f"{i:03d}.{ext}"))
     return str(root)
+
+
+def require_native() -> None:
+    """For a test of backend "native": return when its library is built; skip when this machine cannot build
+    it (no CMake or C++ compiler: the package works without it); fail when it could be built but is not (the
+    README's install line, python -m dearkd_fast.native, was not run for these sources)."""
+    import pytest
+
+    from . import native
+
+    reason = native.unavailable_reason()
+    if reason is None:
+        return
+    if native.missing_tools():
+        pytest.skip(f"backend 'native' is absent: {reason}")
+    pytest.fail(f"backend 'native' is absent: {reason}")
 
 
 def public_bn_loss(x: Tensor, running_mean: Tensor, running_var: Tensor) -> Tensor:

@@ -12,7 +12,6 @@ per layer writes into one shared partial buffer; the finalise (moments from the 
 segmented norm then run once over all layers' channels, about 25 launches in all, instead of about
 ten small launches per layer.
 """
-import functools
 from typing import List
 
 import torch
@@ -21,6 +20,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..errors import InputError
+from . import glue
 from .grid import row_split
 
 __all__ = ["bn_stat_loss", "bn_stat_losses", "bn_moments"]
@@ -90,26 +90,6 @@ def _strides(x: Tensor) -> tuple[int, int, int]:
     return x.stride(0), x.stride(1), x.stride(3) if W > 1 else x.stride(2)
 
 
-def _layer_of_channel(xs: List[Tensor], device: torch.device) -> Tensor:
-    """Layer index of every concatenated channel: static shapes (compile-friendly), three small launches."""
-    ends = torch.tensor([x.shape[1] for x in xs]).cumsum(0).to(device)
-    return torch.bucketize(torch.arange(sum(x.shape[1] for x in xs), device=device), ends, right=True)
-
-
-@functools.lru_cache(maxsize=64)
-def layer_metadata(shapes: tuple[tuple[int, ...], ...], device: torch.device) -> tuple[Tensor, Tensor]:
-    """(layer index, element count n) of every concatenated channel for layers of these [B,C,H,W]
-    shapes, built once per set of shapes and device: the inversion and training loops repeat the same
-    shapes, so no host-to-device copy happens inside them."""
-    seg = torch.repeat_interleave(torch.arange(len(shapes)), torch.tensor([s[1] for s in shapes]))
-    n = torch.tensor([float(s[0] * s[2] * s[3]) for s in shapes])[seg]
-    return seg.to(device), n.to(device)
-
-
-def _metadata(xs: List[Tensor]) -> tuple[Tensor, Tensor]:
-    return layer_metadata(tuple(tuple(x.shape) for x in xs), xs[0].device)
-
-
 @torch.library.custom_op("dearkd_fast::bn_moments", mutates_args=())
 def bn_moments(xs: List[Tensor]) -> List[Tensor]:
     """[mean_cat, var_cat]: per-channel biased moments of every x in xs, channels concatenated (fp32)."""
@@ -130,7 +110,7 @@ def bn_moments(xs: List[Tensor]) -> List[Tensor]:
         _moments_kernel[(s, triton.cdiv(C, bc))](x, shift, part, rows, C, x.shape[2] * x.shape[3], col0, total_c,
                                                   *_strides(x), BLOCK_R=br, BLOCK_C=bc)
         col0 += C
-    n = _metadata(xs)[1]
+    n = glue.metadata(xs)[1]
     sums = part.sum(0)
     d_mean = sums[0] / n
     mean = shift + d_mean
@@ -138,20 +118,17 @@ def bn_moments(xs: List[Tensor]) -> List[Tensor]:
     return [mean, var]
 
 
-@bn_moments.register_fake
-def _(xs):
-    total_c = sum(x.shape[1] for x in xs)
-    return [xs[0].new_empty((total_c,), dtype=torch.float32), xs[0].new_empty((total_c,), dtype=torch.float32)]
-
-
 @torch.library.custom_op("dearkd_fast::bn_moments_backward", mutates_args=())
 def _moments_bwd(xs: List[Tensor], mean: Tensor, grad_mean: Tensor, grad_var: Tensor) -> List[Tensor]:
     dxs, col0 = [], 0
     for x in xs:
+        dx = torch.empty_like(x)  # same memory format, same strides when x is dense
+        if dx.stride() != x.stride():  # x has gaps (a batch slice, say): read a dense copy, one set of strides
+            x = x.contiguous(memory_format=torch.channels_last if x.stride(1) == 1 else torch.contiguous_format)
+            dx = torch.empty_like(x)
         C = x.shape[1]
         rows = x.shape[0] * x.shape[2] * x.shape[3]
         br, bc = _blocks(x)
-        dx = torch.empty_like(x)  # same memory format, same strides
         sl = slice(col0, col0 + C)
         _moments_bwd_kernel[(triton.cdiv(rows, br), triton.cdiv(C, bc))](
             x, dx, mean[sl].contiguous(), grad_mean[sl].contiguous(), grad_var[sl].contiguous(), rows, C,
@@ -161,37 +138,12 @@ def _moments_bwd(xs: List[Tensor], mean: Tensor, grad_mean: Tensor, grad_var: Te
     return dxs
 
 
-@_moments_bwd.register_fake
-def _(xs, mean, grad_mean, grad_var):
-    return [torch.empty_like(x) for x in xs]
-
-
-def _setup_context(ctx, inputs, output):
-    (xs,) = inputs
-    ctx.save_for_backward(*xs, output[0])
-
-
-def _backward(ctx, grads):
-    *xs, mean = ctx.saved_tensors
-    g_mean, g_var = (g if g is not None else torch.zeros_like(mean) for g in grads)
-    return (_moments_bwd(list(xs), mean, g_mean.float(), g_var.float()),)
-
-
-bn_moments.register_autograd(_backward, setup_context=_setup_context)
+glue.register_bn("dearkd_fast")
 
 
 def bn_stat_losses(xs: List[Tensor], running_means: List[Tensor], running_vars: List[Tensor]) -> Tensor:
     """Per-layer losses [L] = ||mean_l - rm_l|| + ||var_l - rv_l||, all layers finalised together."""
-    mean, var = bn_moments(list(xs))
-    rm = torch.cat([r.float() for r in running_means])
-    rv = torch.cat([r.float() for r in running_vars])
-    # eager: the cached segment ids; traced by torch.compile: built in the graph (no cached constant)
-    seg = _layer_of_channel(xs, mean.device) if torch.compiler.is_compiling() else _metadata(xs)[0]
-    sq = torch.stack([(mean - rm).pow(2), (var - rv).pow(2)])  # [2, total_C]
-    per_layer = torch.zeros((2, len(xs)), device=mean.device, dtype=torch.float32).index_add_(1, seg, sq)
-    # sqrt with a zero gradient at zero (a layer whose statistics already match exactly)
-    safe = torch.where(per_layer > 0, per_layer, torch.ones_like(per_layer)).sqrt()
-    return torch.where(per_layer > 0, safe, torch.zeros_like(per_layer)).sum(0)
+    return glue.bn_stat_losses(bn_moments, xs, running_means, running_vars)
 
 
 def bn_stat_loss(x: Tensor, running_mean: Tensor, running_var: Tensor) -> Tensor:

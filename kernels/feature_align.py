@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import glue
 from .grid import row_split
 
 __all__ = ["feature_align_loss"]
@@ -164,11 +165,6 @@ def _align_fwd(tokens: Tensor, weight: Tensor, bias: Tensor | None, target: Tens
     return part.sum() / (M * C)
 
 
-@_align_fwd.register_fake
-def _(tokens, weight, bias, target):
-    return tokens.new_empty((), dtype=torch.float32)
-
-
 @torch.library.custom_op("dearkd_fast::feature_align_loss_backward", mutates_args=())
 def _align_bwd(grad: Tensor, tokens: Tensor, weight: Tensor, bias: Tensor | None,
                target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -188,26 +184,7 @@ def _align_bwd(grad: Tensor, tokens: Tensor, weight: Tensor, bias: Tensor | None
     return dt, dw, db
 
 
-@_align_bwd.register_fake
-def _(grad, tokens, weight, bias, target):
-    C = weight.shape[0]
-    return (torch.empty(tokens.shape, device=tokens.device, dtype=tokens.dtype), torch.empty_like(weight),
-            weight.new_empty((C,), dtype=bias.dtype if bias is not None else weight.dtype))
-
-
-def _setup_context(ctx, inputs, output):
-    tokens, weight, bias, target = inputs
-    ctx.has_bias = bias is not None
-    ctx.save_for_backward(tokens, weight, bias if bias is not None else weight, target)
-
-
-def _backward(ctx, grad):
-    tokens, weight, bias, target = ctx.saved_tensors
-    dt, dw, db = _align_bwd(grad, tokens, weight, bias if ctx.has_bias else None, target)
-    return dt, dw, (db if ctx.has_bias else None), None
-
-
-_align_fwd.register_autograd(_backward, setup_context=_setup_context)
+glue.register_align("dearkd_fast")
 
 
 def feature_align_loss(tokens: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor) -> Tensor:

@@ -8,15 +8,20 @@ import torch
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):
     """Every test session builds its own cache (digits JPEGs, manifests): no state from outside leaks in,
-    and the environment is restored afterwards."""
-    old = os.environ.get("XDG_CACHE_HOME")
+    and the environment is restored afterwards. The native library is the install's build product, not
+    cached data: its folder stays where the install line put it (DEARKD_NATIVE_DIR)."""
+    from dearkd_fast import native
+
+    saved = {k: os.environ.get(k) for k in ("XDG_CACHE_HOME", "DEARKD_NATIVE_DIR")}
+    os.environ["DEARKD_NATIVE_DIR"] = str(native.native_dir())
     os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))
     torch.manual_seed(0)
     yield
-    if old is None:
-        os.environ.pop("XDG_CACHE_HOME", None)
-    else:
-        os.environ["XDG_CACHE_HOME"] = old
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 @pytest.fixture(scope="session")

@@ -5,10 +5,26 @@ import torch
 from dearkd_fast import ops
 
 
-def test_auto_picks_torch_for_cpu_tensors(monkeypatch):
+def test_auto_on_cpu_tensors_picks_native_when_built_else_torch(monkeypatch):
     monkeypatch.delenv("DEARKD_BACKEND", raising=False)
+    monkeypatch.setattr(ops, "_native_importable", lambda: True)
+    assert ops.resolve_backend("auto", torch.zeros(1)) == "native"
+    assert ops.resolve_backend("auto", torch.zeros(1, dtype=torch.bfloat16)) == "native"
+    assert ops.resolve_backend("auto", torch.zeros(1, dtype=torch.float64)) == "torch"  # native takes fp32/bf16/fp16
+    assert "native" in ops.available_backends()
+    monkeypatch.setattr(ops, "_native_importable", lambda: False)
     assert ops.resolve_backend("auto", torch.zeros(1)) == "torch"
-    assert "torch" in ops.available_backends()
+    assert "torch" in ops.available_backends() and "native" not in ops.available_backends()
+
+
+def test_native_refuses_what_it_cannot_run(monkeypatch):
+    monkeypatch.setattr(ops, "_native_importable", lambda: True)
+    with pytest.raises(ops.BackendError, match="CPU tensors"):
+        ops.resolve_backend("native", torch.zeros(1, device="meta"))
+    with pytest.raises(ops.BackendError, match="float32, bfloat16 or float16"):
+        ops.bn_stat_loss(torch.randn(2, 3, 4, 4, dtype=torch.float64), torch.zeros(3), torch.ones(3), backend="native")
+    monkeypatch.setenv("DEARKD_BACKEND", "native")
+    assert ops.resolve_backend("auto", torch.zeros(1)) == "native"
 
 
 def test_env_forces_a_backend(monkeypatch):
@@ -39,10 +55,12 @@ def test_triton_on_cpu_outside_interpreter_is_an_error(monkeypatch):
         ops.feature_align_loss(torch.randn(1, 4, 2), torch.randn(3, 2), None, torch.randn(1, 3, 2, 2), backend="triton")
 
 
-def test_unknown_and_unbuilt_backends():
+def test_unknown_and_unbuilt_backends(monkeypatch, tmp_path):
     with pytest.raises(ops.BackendError, match="unknown backend"):
         ops.bn_stat_loss(torch.randn(2, 3, 4, 4), torch.zeros(3), torch.ones(3), backend="cuda")
-    with pytest.raises(ops.BackendError, match="native"):
+    monkeypatch.setattr(ops, "_native_importable", lambda: False)
+    monkeypatch.setenv("DEARKD_NATIVE_DIR", str(tmp_path))  # nothing built there: the error says why
+    with pytest.raises(ops.BackendError, match="backend 'native' asked for, but it .*python -m dearkd_fast.native|not found"):
         ops.bn_stat_loss(torch.randn(2, 3, 4, 4), torch.zeros(3), torch.ones(3), backend="native")
 
 

@@ -134,12 +134,12 @@ def test_process_exit_code_and_single_line(tmp_path):
     assert r.stderr.strip().count("\n") == 0 and "does not exist" in r.stderr
 
 
-@pytest.mark.parametrize("tool", ["train", "invert", "study"])
+@pytest.mark.parametrize("tool", ["train", "invert", "study", "native"])
 def test_readme_flag_table_is_the_configs(tool):
     """The README's flag table of each tool is exactly what its config generates (python -m dearkd_fast.config)."""
     from dearkd_fast import config
 
-    cls = {"train": config.TrainConfig, "invert": config.InvertConfig, "study": config.StudyConfig}[tool]
+    cls = config.TOOL_CONFIGS[tool]
     table = config.flag_table(cls)
     readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
     assert table in readme

@@ -1,0 +1,306 @@
+// Feature-alignment loss on the CPU: the native twin of kernels/feature_align.py.
+//
+//   L = mean over (b, n, c) of R^2,   R = T W^T + bias - F_hw     (T [B,N,D], W [C,D], F [B,C,h,w])
+//
+// Rows of one batch element are taken in tiles of at most kRows tokens; each tile's residual R [rows, C]
+// lives in a small fp32 buffer and is never written out whole, so no [B,N,C] tensor exists. The products
+// go through ATen's CPU BLAS batch-reduce GEMM (T x T -> fp32: oneDNN, with AMX or AVX-512 BF16 where the
+// CPU has them); the epilogue (bias, target, square) runs in fp32 vector lanes.
+//   backward (R recomputed per tile, s = grad * 2 / (B N C)):
+//     dT = s R W          (R cast to the token dtype, as the Triton kernel does)
+//     dW = s sum_tiles R^T T  (one fp32 partial per thread, summed in a fixed order)
+//     db = s sum_m R
+// The target is read through its strides (NCHW or channels_last), the tokens through theirs.
+#include <ATen/native/CPUBlas.h>
+
+#include "common.h"
+
+namespace dearkd_native {
+namespace {
+
+constexpr int64_t kRows = 256;
+
+// whether products of T run in oneDNN's batch-reduce micro-kernel on AMX tiles (bf16 with AMX, fp16 with
+// AMX-FP16; DEARKD_NATIVE_NO_AMX=1 turns it off); otherwise ATen's CPU BLAS (oneDNN's bf16/fp16 GEMM, MKL's sgemm)
+template <typename T>
+bool use_amx() {
+  if constexpr (std::is_same_v<T, float>) {
+    return false;
+  } else {
+    static const bool ok = at::native::cpublas::could_pack(c10::CppTypeToScalarType<T>::value);
+    return ok && std::getenv("DEARKD_NATIVE_NO_AMX") == nullptr;
+  }
+}
+
+inline int64_t even(int64_t k) { return (k + 1) / 2 * 2; }
+
+// The B operand [K, N] of C = A B. For the AMX micro-kernel it is packed (VNNI: pairs of K rows
+// interleaved) in blocks of at most 64 columns, K rounded up to even with a zero row; the A operand must
+// then hold `k_pad()` columns (a zero column when K is odd). Otherwise B is used in place.
+template <typename T>
+struct OperandB {
+  static constexpr int64_t kCols = 64;  // the micro-kernel's widest B block
+  bool amx = false;
+  int64_t K = 0, N = 0, ldb = 0;
+  const T* plain = nullptr;
+  aligned_vector<T> packed, staged;
+
+  int64_t k_pad() const { return amx ? even(K) : K; }
+
+  void set(const T* B, int64_t K_, int64_t N_, int64_t ldb_, bool amx_) {
+    amx = amx_, K = K_, N = N_, ldb = ldb_, plain = B;
+    if (!amx) return;
+    const int64_t kp = even(K);
+    if (kp != K) {  // stage B with a zero row
+      staged.assign(kp * N, T(0));
+      for (int64_t k = 0; k < K; ++k) std::copy(B + k * ldb, B + k * ldb + N, staged.data() + k * N);
+      B = staged.data();
+      ldb = N;
+    }
+    const int64_t blocks = (N + kCols - 1) / kCols;
+    packed.resize(blocks * kp * kCols);
+    for (int64_t j = 0; j < blocks; ++j) {
+      at::native::cpublas::pack(kp, std::min(kCols, N - j * kCols), ldb, kCols, c10::CppTypeToScalarType<T>::value,
+                                c10::CppTypeToScalarType<T>::value, B + j * kCols, packed.data() + j * kp * kCols);
+    }
+  }
+
+  // C[M, N] (+)= A[M, k_pad()] B, fp32 C with leading dimension ldc
+  void gemm(int64_t M, const T* A, int64_t lda, float* C, int64_t ldc, bool add) const {
+    if (!amx) {
+      at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, add, A, plain, C, false);
+      return;
+    }
+    const int64_t kp = even(K);
+    for (int64_t j = 0; j * kCols < N; ++j) {
+      at::native::cpublas::brgemm(M, std::min(kCols, N - j * kCols), kp, lda, kCols, ldc, add, A,
+                                  packed.data() + j * kp * kCols, C + j * kCols, true);
+    }
+  }
+};
+
+// a thread's AMX tile state is released when it leaves the kernel
+struct AmxRelease {
+  bool amx;
+  ~AmxRelease() {
+    if (amx) at::native::cpublas::brgemm_release(true);
+  }
+};
+
+struct Problem {
+  Tensor tokens, weight, wt, bias, target;  // tokens with unit stride along D; weight [C,D] and wt [D,C] contiguous
+  int64_t B, N, D, C, w;
+  int64_t tiles_per_b, tiles;
+};
+
+Problem make_problem(const Tensor& tokens_in, const Tensor& weight_in, const std::optional<Tensor>& bias,
+                     const Tensor& target) {
+  check_cpu_float(tokens_in, "tokens");
+  check_cpu_float(weight_in, "weight");
+  check_cpu_float(target, "target");
+  TORCH_CHECK(tokens_in.dim() == 3 && weight_in.dim() == 2 && target.dim() == 4,
+              "dearkd_fast native feature_align_loss: need tokens [B,N,D], weight [C,D], target [B,C,h,w]");
+  Problem p;
+  p.tokens = tokens_in.stride(2) == 1 ? tokens_in : tokens_in.contiguous();
+  p.weight = weight_in.to(tokens_in.scalar_type()).contiguous();
+  p.wt = p.weight.t().contiguous();
+  const bool has_bias = bias.has_value() && bias->defined();
+  p.bias = has_bias ? bias->to(at::kFloat).contiguous() : at::zeros({weight_in.size(0)}, weight_in.options().dtype(at::kFloat));
+  p.target = target;
+  p.B = tokens_in.size(0);
+  p.N = tokens_in.size(1);
+  p.D = tokens_in.size(2);
+  p.C = weight_in.size(0);
+  p.w = target.size(3);
+  TORCH_CHECK(weight_in.size(1) == p.D && target.size(0) == p.B && target.size(1) == p.C &&
+                  target.size(2) * target.size(3) == p.N,
+              "dearkd_fast native feature_align_loss: shapes do not fit");
+  p.tiles_per_b = (p.N + kRows - 1) / kRows;
+  p.tiles = p.B * p.tiles_per_b;
+  return p;
+}
+
+// One thread's buffers for the tiles it takes.
+template <typename T>
+struct Scratch {
+  aligned_vector<float> R;   // [rows, C] residual
+  std::vector<int64_t> f_off;  // target offset of each row's pixel
+  aligned_vector<T> a;       // a token tile with a zero column (odd D on the AMX path)
+  explicit Scratch(const Problem& p) : R(kRows * p.C), f_off(kRows) {}
+};
+
+// R[rows, C] = T_tile W^T + bias - F_tile for tile `tile` (wt: W^T [D, C]); returns the tile's first token
+// index m0 = b N + n0 and its row count
+template <typename T, typename F>
+std::pair<int64_t, int64_t> residual(const Problem& p, const OperandB<T>& wt, int64_t tile, Scratch<T>& s) {
+  const int64_t b = tile / p.tiles_per_b, n0 = (tile % p.tiles_per_b) * kRows;
+  const int64_t rows = std::min(kRows, p.N - n0), C = p.C, D = p.D;
+  const T* A = p.tokens.data_ptr<T>() + b * p.tokens.stride(0) + n0 * p.tokens.stride(1);
+  int64_t lda = p.tokens.stride(1);
+  if (wt.k_pad() != D) {
+    const int64_t dp = wt.k_pad();
+    s.a.assign(rows * dp, T(0));
+    for (int64_t i = 0; i < rows; ++i) std::copy(A + i * lda, A + i * lda + D, s.a.data() + i * dp);
+    A = s.a.data();
+    lda = dp;
+  }
+  float* R = s.R.data();
+  wt.gemm(rows, A, lda, R, C, false);
+  const F* tgt = p.target.data_ptr<F>() + b * p.target.stride(0);
+  const int64_t sfc = p.target.stride(1), sfh = p.target.stride(2), sfw = p.target.stride(3);
+  const float* bias = p.bias.data_ptr<float>();
+  int64_t* f_off = s.f_off.data();
+  for (int64_t i = 0; i < rows; ++i) f_off[i] = ((n0 + i) / p.w) * sfh + ((n0 + i) % p.w) * sfw;
+  if (sfc == 1) {  // channels_last target: a row's channels are contiguous
+    for (int64_t i = 0; i < rows; ++i) {
+      float* r = R + i * C;
+      const F* f = tgt + f_off[i];
+      for (int64_t c = 0; c < C; c += fVec::size()) {
+        const int64_t n = std::min<int64_t>(fVec::size(), C - c);
+        (fVec::loadu(r + c, n) + fVec::loadu(bias + c, n) - load_f32(f + c, n)).store(r + c, n);
+      }
+    }
+  } else {  // NCHW target: a channel's pixels are contiguous
+    for (int64_t c = 0; c < C; ++c) {
+      const F* f = tgt + c * sfc;
+      const float bc = bias[c];
+      for (int64_t i = 0; i < rows; ++i) R[i * C + c] += bc - static_cast<float>(f[f_off[i]]);
+    }
+  }
+  return {b * p.N + n0, rows};
+}
+
+// [0, tiles) in one contiguous range per thread, a fixed assignment (the sums are deterministic)
+int64_t thread_count(int64_t tiles) { return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tiles)); }
+
+template <typename Fn>
+void per_thread(int64_t tiles, const Fn& fn) {
+  const int64_t threads = thread_count(tiles);
+  const int64_t per = (tiles + threads - 1) / threads;
+  at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) fn(t, t * per, std::min(tiles, (t + 1) * per));
+  });
+}
+
+}  // namespace
+
+Tensor feature_align_loss(const Tensor& tokens, const Tensor& weight, const std::optional<Tensor>& bias,
+                          const Tensor& target) {
+  Problem p = make_problem(tokens, weight, bias, target);
+  std::vector<double> part(thread_count(p.tiles), 0.0);
+  DEARKD_DISPATCH(p.tokens.scalar_type(), "feature_align_loss", [&] {
+    using T = scalar_t;
+    OperandB<T> wt;
+    wt.set(p.wt.data_ptr<T>(), p.D, p.C, p.C, use_amx<T>());
+    DEARKD_DISPATCH(p.target.scalar_type(), "feature_align_loss", [&] {
+      using F = scalar_t;
+      per_thread(p.tiles, [&](int64_t t, int64_t first, int64_t last) {
+        AmxRelease release{wt.amx};
+        Scratch<T> s(p);
+        double acc = 0;
+        for (int64_t tile = first; tile < last; ++tile) {
+          const int64_t n = residual<T, F>(p, wt, tile, s).second * p.C;
+          const float* R = s.R.data();
+          fVec sq(0.f);
+          int64_t i = 0;
+          for (; i + fVec::size() <= n; i += fVec::size()) {
+            const fVec r = fVec::loadu(R + i);
+            sq = at::vec::fmadd(r, r, sq);
+          }
+          double tail = 0;
+          for (; i < n; ++i) tail += double(R[i]) * R[i];
+          acc += at::vec::vec_reduce_all<float>(std::plus<fVec>(), sq) + tail;
+        }
+        part[t] = acc;
+      });
+    });
+  });
+  double total = 0;
+  for (double v : part) total += v;
+  return at::scalar_tensor(total / double(p.B * p.N * p.C), tokens.options().dtype(at::kFloat));
+}
+
+std::tuple<Tensor, Tensor, Tensor> feature_align_loss_backward(const Tensor& grad, const Tensor& tokens,
+                                                               const Tensor& weight, const std::optional<Tensor>& bias,
+                                                               const Tensor& target) {
+  Problem p = make_problem(tokens, weight, bias, target);
+  const float scale = grad.item<float>() * 2.0f / float(p.B * p.N * p.C);
+  const int64_t threads = thread_count(p.tiles), C = p.C, D = p.D;
+  Tensor dt = at::empty({p.B, p.N, D}, tokens.options());
+  const int64_t cd = (C * D + 15) / 16 * 16;  // each thread's partial starts 64-byte aligned
+  Tensor dw_part = at::zeros({threads, cd}, tokens.options().dtype(at::kFloat));
+  std::vector<double> db_part(threads * C, 0.0);
+  DEARKD_DISPATCH(p.tokens.scalar_type(), "feature_align_loss_backward", [&] {
+    using T = scalar_t;
+    const bool amx = use_amx<T>();
+    OperandB<T> wt, w;
+    wt.set(p.wt.data_ptr<T>(), D, C, C, amx);
+    w.set(p.weight.data_ptr<T>(), C, D, D, amx);
+    DEARKD_DISPATCH(p.target.scalar_type(), "feature_align_loss_backward", [&] {
+      using F = scalar_t;
+      per_thread(p.tiles, [&](int64_t t, int64_t first, int64_t last) {
+        AmxRelease release{amx};
+        Scratch<T> s(p);
+        const int64_t cp = w.k_pad(), rp = amx ? even(kRows) : kRows;
+        aligned_vector<float> G(kRows * D), db_tile(C);
+        aligned_vector<T> Rc(kRows * cp, T(0)), Rt(C * rp, T(0));  // R and R^T as T; pad columns stay zero
+        OperandB<T> tile_b;
+        float* dw = dw_part.data_ptr<float>() + t * cd;
+        double* db = db_part.data() + t * C;
+        for (int64_t tile = first; tile < last; ++tile) {
+          auto [m0, rows] = residual<T, F>(p, wt, tile, s);
+          const float* R = s.R.data();
+          const int64_t ldt = amx ? even(rows) : rows;  // R^T's leading dimension: the dW product's K
+          if (ldt != rows)
+            for (int64_t c = 0; c < C; ++c) Rt[c * ldt + rows] = T(0);
+          // db += colsum R (fp32 over the tile, double across tiles); Rc = R as T
+          std::fill(db_tile.begin(), db_tile.end(), 0.f);
+          for (int64_t i = 0; i < rows; ++i) {
+            for (int64_t c = 0; c < C; c += fVec::size()) {
+              const int64_t n = std::min<int64_t>(fVec::size(), C - c);
+              const fVec r = fVec::loadu(R + i * C + c, n);
+              (fVec::loadu(db_tile.data() + c, n) + r).store(db_tile.data() + c, n);
+              store_from_f32(Rc.data() + i * cp + c, r, n);
+            }
+          }
+          for (int64_t c = 0; c < C; ++c) db[c] += db_tile[c];
+          constexpr int64_t kT = 16;  // Rt = R^T in 16 x 16 blocks
+          for (int64_t i0 = 0; i0 < rows; i0 += kT)
+            for (int64_t c0 = 0; c0 < C; c0 += kT)
+              for (int64_t c = c0; c < std::min(C, c0 + kT); ++c)
+                for (int64_t i = i0; i < std::min(rows, i0 + kT); ++i) Rt[c * ldt + i] = Rc[i * cp + c];
+          // dT_tile = scale R W
+          w.gemm(rows, Rc.data(), cp, G.data(), D, false);
+          T* out = dt.data_ptr<T>() + m0 * D;
+          const fVec sv(scale);
+          for (int64_t i = 0; i < rows * D; i += fVec::size()) {
+            const int64_t n = std::min<int64_t>(fVec::size(), rows * D - i);
+            store_from_f32(out + i, fVec::loadu(G.data() + i, n) * sv, n);
+          }
+          // dW += R^T T_tile
+          const int64_t b = m0 / p.N, n0 = m0 % p.N;
+          tile_b.set(p.tokens.data_ptr<T>() + b * p.tokens.stride(0) + n0 * p.tokens.stride(1), rows, D,
+                     p.tokens.stride(1), amx);
+          tile_b.gemm(C, Rt.data(), ldt, dw, D, true);
+        }
+      });
+    });
+  });
+  Tensor dw = (dw_part.sum(0).narrow(0, 0, C * D).view({C, D}) * scale).to(weight.scalar_type());
+  Tensor db = at::empty({C}, tokens.options().dtype(at::kDouble));
+  double* dbp = db.data_ptr<double>();
+  for (int64_t c = 0; c < C; ++c) {
+    double v = 0;
+    for (int64_t t = 0; t < threads; ++t) v += db_part[t * C + c];
+    dbp[c] = v * scale;
+  }
+  const auto db_type = (bias.has_value() && bias->defined()) ? bias->scalar_type() : weight.scalar_type();
+  return {dt, dw, db.to(db_type)};
+}
+
+TORCH_LIBRARY_IMPL(dearkd_fast_native, CPU, m) {
+  m.impl("feature_align_loss", &feature_align_loss);
+  m.impl("feature_align_loss_backward", &feature_align_loss_backward);
+}
+
+}  // namespace dearkd_native

@@ -1,0 +1,70 @@
+"""The native backend's build tool (python -m dearkd_fast.native) and library lookup; the ops themselves are
+tested against the float64 reference in test_kernels.py (backend "native")."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from dearkd_fast import native
+
+
+def _run(args, env, cwd):
+    return subprocess.run([sys.executable, "-m", "dearkd_fast.native", "--no-progress", *args], env=env, cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+def _env(tmp_path, path):
+    env = dict(os.environ, DEARKD_NATIVE_DIR=str(tmp_path / "native"), PATH=str(path))
+    env.pop("CXX", None)
+    return env
+
+
+def test_without_cmake_or_compiler_the_tool_says_why_once_and_native_is_absent(tmp_path):
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    env = _env(tmp_path, empty)
+    done = _run([], env, tmp_path)
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cmake and c++ not found on PATH" in lines[0] and "works without it" in lines[0]
+    probe = subprocess.run([sys.executable, "-c", "from dearkd_fast import ops; print(ops.available_backends())"],
+                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert probe.returncode == 0 and "native" not in probe.stdout and "torch" in probe.stdout
+    strict = _run(["--strict"], env, tmp_path)
+    assert strict.returncode == 1 and "cmake and c++ not found" in strict.stderr
+
+
+def test_a_failed_build_is_recorded_and_leaves_no_library(tmp_path, monkeypatch):
+    """A CMake that fails: RunError naming the log, FAILED holds the reason, nothing at the library path."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "cmake"
+    fake.write_text("#!/bin/sh\necho 'CMake Error: configured to fail' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    (bin_dir / "c++").symlink_to("/bin/true")
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("DEARKD_NATIVE_DIR", str(tmp_path / "native"))
+    with pytest.raises(native.RunError, match="cmake -S exited 1; the build log is"):
+        native.build(progress=False)
+    assert not native.library_path().exists()
+    assert "its build failed: cmake -S exited 1" in native.unavailable_reason()
+    assert "configured to fail" in (native.library_path().parent / "build.log").read_text()
+    assert not [p for p in native.library_path().parent.iterdir() if p.name.startswith("build-")]  # no work folder left
+
+
+def test_the_key_names_sources_torch_and_cpu(tmp_path, monkeypatch):
+    key = native.build_key()
+    assert len(key) == 16 and native.library_path().parent.name == key
+    monkeypatch.setenv("DEARKD_NATIVE_DIR", str(tmp_path))
+    assert native.library_path() == tmp_path / key / native.LIBRARY
+    assert native.unavailable_reason().endswith("run python -m dearkd_fast.native") or native.missing_tools()
+
+
+def test_building_again_is_a_no_op_when_built():
+    from dearkd_fast.testing import require_native
+
+    require_native()
+    path = native.library_path()
+    before = path.stat().st_mtime_ns
+    assert native.build(progress=False) == path and path.stat().st_mtime_ns == before
