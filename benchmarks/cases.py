@@ -87,15 +87,18 @@ def bn_case(variant: str, shapes: list[tuple[int, ...]], dtype=BF16, channels_la
     return run, nbytes
 
 
-def align_case(variant: str, B: int, N: int, D: int, C: int, dtype=BF16):
-    """fwd+bwd of the feature-alignment loss as bf16 training feeds it: fp32 strided patch tokens (the
-    residual stream) and fp32 projection weights, cast to bf16 at the op boundary by ops under autocast,
-    and a bf16 channels_last teacher map. Every variant goes through ops.feature_align_loss."""
+def align_case(variant: str, B: int, N: int, D: int, C: int, dtype=BF16, fed: str = "training"):
+    """fwd+bwd of the feature-alignment loss. fed="training": as bf16 training feeds it, fp32 strided patch
+    tokens (the residual stream) and fp32 projection weights, cast to bf16 at the op boundary by ops under
+    autocast, and a bf16 channels_last teacher map (the slice and the casts are part of what is timed).
+    fed="op": the op alone, bf16 leaves (contiguous tokens, weight, bias) and the same target, no autocast.
+    Every variant goes through ops.feature_align_loss."""
     g = torch.Generator(device=DEV).manual_seed(0)
     side = int(round(N**0.5))
-    base = torch.randn(B, N + 2, D, device=DEV, generator=g).requires_grad_()
-    weight = (torch.randn(C, D, device=DEV, generator=g) / D**0.5).requires_grad_()
-    bias = torch.zeros(C, device=DEV).requires_grad_()
+    leaf_dtype = torch.float32 if fed == "training" else dtype
+    base = torch.randn(B, N + 2 if fed == "training" else N, D, device=DEV, generator=g).to(leaf_dtype).requires_grad_()
+    weight = (torch.randn(C, D, device=DEV, generator=g) / D**0.5).to(leaf_dtype).requires_grad_()
+    bias = torch.zeros(C, device=DEV, dtype=leaf_dtype).requires_grad_()
     target = torch.randn(B, C, side, side, device=DEV, generator=g).to(dtype).to(memory_format=torch.channels_last)
     if variant in ("triton", "native"):
         fn = functools.partial(ops.feature_align_loss, backend=variant)
@@ -109,8 +112,8 @@ def align_case(variant: str, B: int, N: int, D: int, C: int, dtype=BF16):
     def run():
         for t in (base, weight, bias):
             t.grad = None
-        with torch.autocast(DEV, dtype=BF16, enabled=dtype == BF16):
-            fn(base[:, 2:], weight, bias, target).backward()
+        with torch.autocast(DEV, dtype=BF16, enabled=dtype == BF16 and fed == "training"):
+            fn(base[:, 2:] if fed == "training" else base, weight, bias, target).backward()
 
     e = torch.finfo(dtype).bits // 8
     nbytes = (2 * B * N * D + 2 * B * N * C) * e + B * N * D * e  # tokens + target twice, dtokens once (bf16)

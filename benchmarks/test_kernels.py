@@ -67,7 +67,14 @@ def test_bn_resnet50(benchmark, variant):
 
 
 @pytest.mark.parametrize("variant", ALIGN_VARIANTS)
-@pytest.mark.benchmark(group="feature_align_loss bf16 fwd+bwd")
+@pytest.mark.benchmark(group="feature_align_loss bf16 fwd+bwd, as training feeds it (fp32 strided tokens, autocast)")
 def test_align(benchmark, variant):
     _skip_cpu_triton(variant)
     _bench(benchmark, *align_case(variant, **ALIGN_SHAPE))
+
+
+@pytest.mark.parametrize("variant", ALIGN_VARIANTS)
+@pytest.mark.benchmark(group="feature_align_loss bf16 fwd+bwd, the op alone (bf16 leaves)")
+def test_align_op(benchmark, variant):
+    _skip_cpu_triton(variant)
+    _bench(benchmark, *align_case(variant, **ALIGN_SHAPE, fed="op"))

@@ -263,3 +263,23 @@ def test_compile_fullgraph_torch_backend():
 
     torch.testing.assert_close(torch.compile(f, fullgraph=True)(tokens, weight, bias, target, x),
                                f(tokens, weight, bias, target, x))
+
+
+def test_feature_align_under_autocast_as_training_feeds_it(backend):
+    """fp32 strided tokens (a residual stream) and fp32 weights under bf16 autocast: the products see the
+    bf16-rounded operands (native rounds each token tile as it stages it, Triton gets a cast copy), the
+    gradients come back in fp32."""
+    dev = device_of(backend)
+    tokens, weight, bias, target = align_inputs(2, 5, 6, 24, 20, torch.float32, channels_last=True, dev=dev)
+    target = target.to(torch.bfloat16)
+    leaf, tok = strided_leaf(tokens, True)
+    w, b = weight.clone().requires_grad_(), bias.clone().requires_grad_()
+    with torch.autocast(dev, dtype=torch.bfloat16):
+        loss = ops.feature_align_loss(tok, w, b, target, backend=backend)
+    loss.backward()
+    ref_in = [t.detach().to(torch.bfloat16).double().requires_grad_() for t in (tokens, weight, bias)]
+    ref = reference.feature_align_loss(*ref_in, target.double())
+    ref.backward()
+    assert rel(loss, ref) < 1e-5  # the same rounded operands, fp32 accumulation
+    for g, r in zip((leaf.grad[:, 2:], w.grad, b.grad), ref_in):
+        assert g.dtype == torch.float32 and rel(g, r.grad) < TOL[torch.bfloat16]

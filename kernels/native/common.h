@@ -77,6 +77,20 @@ inline void store2_from_f32(T* p, const fVec& lo, const fVec& hi) {
   }
 }
 
+// dst[N, M] = src[M, N]^T (leading dimensions ld_src, ld_dst) with ATen's vector transposes (blocks of at
+// most 32 x 32 for bf16/fp16, as their vector kernels take)
+template <typename T>
+inline void transpose(const T* src, int64_t ld_src, T* dst, int64_t ld_dst, int64_t M, int64_t N) {
+  if constexpr (std::is_same_v<T, float>) {
+    at::vec::transpose_mxn<float>(src, ld_src, dst, ld_dst, static_cast<int>(M), static_cast<int>(N));
+  } else {
+    for (int64_t i = 0; i < M; i += 32)
+      for (int64_t j = 0; j < N; j += 32)
+        at::vec::transpose_mxn<T>(src + i * ld_src + j, ld_src, dst + j * ld_dst + i, ld_dst,
+                                  static_cast<int>(std::min<int64_t>(32, M - i)), static_cast<int>(std::min<int64_t>(32, N - j)));
+  }
+}
+
 // 64-byte aligned storage, as torch aligns its tensors: a BLAS may pick its code path by operand alignment
 // (MKL does), so scratch matrices are aligned alike in every run and results repeat bit for bit.
 template <typename T>

@@ -93,6 +93,8 @@ struct Problem {
   int64_t tiles_per_b, tiles;
 };
 
+// The products run in the weight's dtype T; tokens come in T or in fp32 (a residual stream under autocast:
+// each tile is rounded to T as it is staged, as autocast's cast would, without a whole-tensor copy).
 Problem make_problem(const Tensor& tokens_in, const Tensor& weight_in, const std::optional<Tensor>& bias,
                      const Tensor& target) {
   check_cpu_float(tokens_in, "tokens");
@@ -101,8 +103,11 @@ Problem make_problem(const Tensor& tokens_in, const Tensor& weight_in, const std
   TORCH_CHECK(tokens_in.dim() == 3 && weight_in.dim() == 2 && target.dim() == 4,
               "dearkd_fast native feature_align_loss: need tokens [B,N,D], weight [C,D], target [B,C,h,w]");
   Problem p;
-  p.tokens = tokens_in.stride(2) == 1 ? tokens_in : tokens_in.contiguous();
-  p.weight = weight_in.to(tokens_in.scalar_type()).contiguous();
+  const auto compute = weight_in.scalar_type();
+  Tensor t = tokens_in;
+  if (t.scalar_type() != compute && t.scalar_type() != at::kFloat) t = t.to(at::kFloat);
+  p.tokens = t.stride(2) == 1 ? t : t.contiguous();
+  p.weight = weight_in.contiguous();
   p.wt = p.weight.t().contiguous();
   const bool has_bias = bias.has_value() && bias->defined();
   p.bias = has_bias ? bias->to(at::kFloat).contiguous() : at::zeros({weight_in.size(0)}, weight_in.options().dtype(at::kFloat));
@@ -123,27 +128,54 @@ Problem make_problem(const Tensor& tokens_in, const Tensor& weight_in, const std
 // One thread's buffers for the tiles it takes.
 template <typename T>
 struct Scratch {
-  aligned_vector<float> R;   // [rows, C] residual
+  aligned_vector<float> R;     // [rows, C] residual
   std::vector<int64_t> f_off;  // target offset of each row's pixel
-  aligned_vector<T> a;       // a token tile with a zero column (odd D on the AMX path)
+  aligned_vector<T> a;         // a staged token tile: rounded to T, with a zero column for odd D on the AMX path
   explicit Scratch(const Problem& p) : R(kRows * p.C), f_off(kRows) {}
 };
 
-// R[rows, C] = T_tile W^T + bias - F_tile for tile `tile` (wt: W^T [D, C]); returns the tile's first token
-// index m0 = b N + n0 and its row count
-template <typename T, typename F>
-std::pair<int64_t, int64_t> residual(const Problem& p, const OperandB<T>& wt, int64_t tile, Scratch<T>& s) {
-  const int64_t b = tile / p.tiles_per_b, n0 = (tile % p.tiles_per_b) * kRows;
-  const int64_t rows = std::min(kRows, p.N - n0), C = p.C, D = p.D;
-  const T* A = p.tokens.data_ptr<T>() + b * p.tokens.stride(0) + n0 * p.tokens.stride(1);
-  int64_t lda = p.tokens.stride(1);
-  if (wt.k_pad() != D) {
-    const int64_t dp = wt.k_pad();
-    s.a.assign(rows * dp, T(0));
-    for (int64_t i = 0; i < rows; ++i) std::copy(A + i * lda, A + i * lda + D, s.a.data() + i * dp);
-    A = s.a.data();
-    lda = dp;
+// The token tile of `tile` as the A operand [rows, k] of type T: in place when the tokens are T and no pad
+// column is needed, else staged (rounded to T, zero-padded to k columns). Returns (pointer, leading dimension).
+template <typename T, typename TT>
+std::pair<const T*, int64_t> token_tile(const Problem& p, int64_t b, int64_t n0, int64_t rows, int64_t k,
+                                        Scratch<T>& s) {
+  const TT* src = p.tokens.data_ptr<TT>() + b * p.tokens.stride(0) + n0 * p.tokens.stride(1);
+  const int64_t ld = p.tokens.stride(1), D = p.D;
+  if constexpr (std::is_same_v<T, TT>) {
+    if (k == D) return {src, ld};
   }
+  s.a.resize(rows * k);
+  for (int64_t i = 0; i < rows; ++i) {
+    T* dst = s.a.data() + i * k;
+    const TT* row = src + i * ld;
+    if constexpr (std::is_same_v<T, TT>) {
+      std::copy(row, row + D, dst);
+    } else {  // fp32 tokens rounded to T: two vectors at a time (one full T vector), then the tail
+      constexpr int64_t L = fVec::size();
+      int64_t d = 0;
+      for (; d + 2 * L <= D; d += 2 * L) store2_from_f32(dst + d, fVec::loadu(row + d), fVec::loadu(row + d + L));
+      for (; d < D; ++d) dst[d] = static_cast<T>(row[d]);
+    }
+    for (int64_t d = D; d < k; ++d) dst[d] = T(0);
+  }
+  return {s.a.data(), k};
+}
+
+// One tile's rows: the first token index m0 = b N + n0, the row count, and the token tile as the product
+// read it (A [rows, >= D] of type T, leading dimension lda; valid until the next tile).
+template <typename T>
+struct Tile {
+  int64_t m0, rows;
+  const T* A;
+  int64_t lda;
+};
+
+// R[rows, C] = T_tile W^T + bias - F_tile for tile `tile` (wt: W^T [D, C]) into s.R
+template <typename T, typename TT, typename F>
+Tile<T> residual(const Problem& p, const OperandB<T>& wt, int64_t tile, Scratch<T>& s) {
+  const int64_t b = tile / p.tiles_per_b, n0 = (tile % p.tiles_per_b) * kRows;
+  const int64_t rows = std::min(kRows, p.N - n0), C = p.C;
+  auto [A, lda] = token_tile<T, TT>(p, b, n0, rows, wt.k_pad(), s);
   float* R = s.R.data();
   wt.gemm(rows, A, lda, R, C, false);
   const F* tgt = p.target.data_ptr<F>() + b * p.target.stride(0);
@@ -167,7 +199,7 @@ std::pair<int64_t, int64_t> residual(const Problem& p, const OperandB<T>& wt, in
       for (int64_t i = 0; i < rows; ++i) R[i * C + c] += bc - static_cast<float>(f[f_off[i]]);
     }
   }
-  return {b * p.N + n0, rows};
+  return {b * p.N + n0, rows, A, lda};
 }
 
 // [0, tiles) in one contiguous range per thread, a fixed assignment (the sums are deterministic)
@@ -182,37 +214,52 @@ void per_thread(int64_t tiles, const Fn& fn) {
   });
 }
 
+// fn(T{}, TT{}, F{}) with T = the weight's dtype, TT = the tokens' (T or float), F = the target's
+template <typename Fn>
+void dispatch(const Problem& p, const Fn& fn) {
+  DEARKD_DISPATCH(p.weight.scalar_type(), "feature_align_loss", [&] {
+    using T = scalar_t;
+    DEARKD_DISPATCH(p.target.scalar_type(), "feature_align_loss", [&] {
+      using F = scalar_t;
+      if (p.tokens.scalar_type() == p.weight.scalar_type()) {
+        fn(T{}, T{}, F{});
+      } else {
+        fn(T{}, float{}, F{});
+      }
+    });
+  });
+}
+
 }  // namespace
 
 Tensor feature_align_loss(const Tensor& tokens, const Tensor& weight, const std::optional<Tensor>& bias,
                           const Tensor& target) {
   Problem p = make_problem(tokens, weight, bias, target);
   std::vector<double> part(thread_count(p.tiles), 0.0);
-  DEARKD_DISPATCH(p.tokens.scalar_type(), "feature_align_loss", [&] {
-    using T = scalar_t;
+  dispatch(p, [&](auto t_, auto tt_, auto f_) {
+    using T = decltype(t_);
+    using TT = decltype(tt_);
+    using F = decltype(f_);
     OperandB<T> wt;
     wt.set(p.wt.data_ptr<T>(), p.D, p.C, p.C, use_amx<T>());
-    DEARKD_DISPATCH(p.target.scalar_type(), "feature_align_loss", [&] {
-      using F = scalar_t;
-      per_thread(p.tiles, [&](int64_t t, int64_t first, int64_t last) {
-        AmxRelease release{wt.amx};
-        Scratch<T> s(p);
-        double acc = 0;
-        for (int64_t tile = first; tile < last; ++tile) {
-          const int64_t n = residual<T, F>(p, wt, tile, s).second * p.C;
-          const float* R = s.R.data();
-          fVec sq(0.f);
-          int64_t i = 0;
-          for (; i + fVec::size() <= n; i += fVec::size()) {
-            const fVec r = fVec::loadu(R + i);
-            sq = at::vec::fmadd(r, r, sq);
-          }
-          double tail = 0;
-          for (; i < n; ++i) tail += double(R[i]) * R[i];
-          acc += at::vec::vec_reduce_all<float>(std::plus<fVec>(), sq) + tail;
+    per_thread(p.tiles, [&](int64_t t, int64_t first, int64_t last) {
+      AmxRelease release{wt.amx};
+      Scratch<T> s(p);
+      double acc = 0;
+      for (int64_t tile = first; tile < last; ++tile) {
+        const int64_t n = residual<T, TT, F>(p, wt, tile, s).rows * p.C;
+        const float* R = s.R.data();
+        fVec sq(0.f);
+        int64_t i = 0;
+        for (; i + fVec::size() <= n; i += fVec::size()) {
+          const fVec r = fVec::loadu(R + i);
+          sq = at::vec::fmadd(r, r, sq);
         }
-        part[t] = acc;
-      });
+        double tail = 0;
+        for (; i < n; ++i) tail += double(R[i]) * R[i];
+        acc += at::vec::vec_reduce_all<float>(std::plus<fVec>(), sq) + tail;
+      }
+      part[t] = acc;
     });
   });
   double total = 0;
@@ -226,64 +273,58 @@ std::tuple<Tensor, Tensor, Tensor> feature_align_loss_backward(const Tensor& gra
   Problem p = make_problem(tokens, weight, bias, target);
   const float scale = grad.item<float>() * 2.0f / float(p.B * p.N * p.C);
   const int64_t threads = thread_count(p.tiles), C = p.C, D = p.D;
-  Tensor dt = at::empty({p.B, p.N, D}, tokens.options());
+  Tensor dt = at::empty({p.B, p.N, D}, p.tokens.options());  // the tokens' dtype (fp32 for an fp32 stream)
   const int64_t cd = (C * D + 15) / 16 * 16;  // each thread's partial starts 64-byte aligned
   Tensor dw_part = at::zeros({threads, cd}, tokens.options().dtype(at::kFloat));
   std::vector<double> db_part(threads * C, 0.0);
-  DEARKD_DISPATCH(p.tokens.scalar_type(), "feature_align_loss_backward", [&] {
-    using T = scalar_t;
+  dispatch(p, [&](auto t_, auto tt_, auto f_) {
+    using T = decltype(t_);
+    using TT = decltype(tt_);
+    using F = decltype(f_);
     const bool amx = use_amx<T>();
     OperandB<T> wt, w;
     wt.set(p.wt.data_ptr<T>(), D, C, C, amx);
     w.set(p.weight.data_ptr<T>(), C, D, D, amx);
-    DEARKD_DISPATCH(p.target.scalar_type(), "feature_align_loss_backward", [&] {
-      using F = scalar_t;
-      per_thread(p.tiles, [&](int64_t t, int64_t first, int64_t last) {
-        AmxRelease release{amx};
-        Scratch<T> s(p);
-        const int64_t cp = w.k_pad(), rp = amx ? even(kRows) : kRows;
-        aligned_vector<float> G(kRows * D), db_tile(C);
-        aligned_vector<T> Rc(kRows * cp, T(0)), Rt(C * rp, T(0));  // R and R^T as T; pad columns stay zero
-        OperandB<T> tile_b;
-        float* dw = dw_part.data_ptr<float>() + t * cd;
-        double* db = db_part.data() + t * C;
-        for (int64_t tile = first; tile < last; ++tile) {
-          auto [m0, rows] = residual<T, F>(p, wt, tile, s);
-          const float* R = s.R.data();
-          const int64_t ldt = amx ? even(rows) : rows;  // R^T's leading dimension: the dW product's K
-          if (ldt != rows)
-            for (int64_t c = 0; c < C; ++c) Rt[c * ldt + rows] = T(0);
-          // db += colsum R (fp32 over the tile, double across tiles); Rc = R as T
-          std::fill(db_tile.begin(), db_tile.end(), 0.f);
-          for (int64_t i = 0; i < rows; ++i) {
-            for (int64_t c = 0; c < C; c += fVec::size()) {
-              const int64_t n = std::min<int64_t>(fVec::size(), C - c);
-              const fVec r = fVec::loadu(R + i * C + c, n);
-              (fVec::loadu(db_tile.data() + c, n) + r).store(db_tile.data() + c, n);
-              store_from_f32(Rc.data() + i * cp + c, r, n);
-            }
+    per_thread(p.tiles, [&](int64_t t, int64_t first, int64_t last) {
+      AmxRelease release{amx};
+      Scratch<T> s(p);
+      const int64_t cp = w.k_pad(), rp = amx ? even(kRows) : kRows;
+      aligned_vector<float> G(kRows * D), db_tile(C);
+      aligned_vector<T> Rc(kRows * cp, T(0)), Rt(C * rp, T(0));  // R and R^T as T; pad columns stay zero
+      OperandB<T> tile_b;
+      float* dw = dw_part.data_ptr<float>() + t * cd;
+      double* db = db_part.data() + t * C;
+      for (int64_t tile = first; tile < last; ++tile) {
+        const Tile<T> tl = residual<T, TT, F>(p, wt, tile, s);
+        const int64_t m0 = tl.m0, rows = tl.rows;
+        const float* R = s.R.data();
+        const int64_t ldt = amx ? even(rows) : rows;  // R^T's leading dimension: the dW product's K
+        if (ldt != rows)
+          for (int64_t c = 0; c < C; ++c) Rt[c * ldt + rows] = T(0);
+        // db += colsum R (fp32 over the tile, double across tiles); Rc = R as T
+        std::fill(db_tile.begin(), db_tile.end(), 0.f);
+        for (int64_t i = 0; i < rows; ++i) {
+          for (int64_t c = 0; c < C; c += fVec::size()) {
+            const int64_t n = std::min<int64_t>(fVec::size(), C - c);
+            const fVec r = fVec::loadu(R + i * C + c, n);
+            (fVec::loadu(db_tile.data() + c, n) + r).store(db_tile.data() + c, n);
+            store_from_f32(Rc.data() + i * cp + c, r, n);
           }
-          for (int64_t c = 0; c < C; ++c) db[c] += db_tile[c];
-          constexpr int64_t kT = 16;  // Rt = R^T in 16 x 16 blocks
-          for (int64_t i0 = 0; i0 < rows; i0 += kT)
-            for (int64_t c0 = 0; c0 < C; c0 += kT)
-              for (int64_t c = c0; c < std::min(C, c0 + kT); ++c)
-                for (int64_t i = i0; i < std::min(rows, i0 + kT); ++i) Rt[c * ldt + i] = Rc[i * cp + c];
-          // dT_tile = scale R W
-          w.gemm(rows, Rc.data(), cp, G.data(), D, false);
-          T* out = dt.data_ptr<T>() + m0 * D;
-          const fVec sv(scale);
-          for (int64_t i = 0; i < rows * D; i += fVec::size()) {
-            const int64_t n = std::min<int64_t>(fVec::size(), rows * D - i);
-            store_from_f32(out + i, fVec::loadu(G.data() + i, n) * sv, n);
-          }
-          // dW += R^T T_tile
-          const int64_t b = m0 / p.N, n0 = m0 % p.N;
-          tile_b.set(p.tokens.data_ptr<T>() + b * p.tokens.stride(0) + n0 * p.tokens.stride(1), rows, D,
-                     p.tokens.stride(1), amx);
-          tile_b.gemm(C, Rt.data(), ldt, dw, D, true);
         }
-      });
+        for (int64_t c = 0; c < C; ++c) db[c] += db_tile[c];
+        transpose(Rc.data(), cp, Rt.data(), ldt, rows, C);  // Rt = R^T
+        // dT_tile = scale R W, stored in the tokens' dtype
+        w.gemm(rows, Rc.data(), cp, G.data(), D, false);
+        TT* out = dt.data_ptr<TT>() + m0 * D;
+        const fVec sv(scale);
+        for (int64_t i = 0; i < rows * D; i += fVec::size()) {
+          const int64_t n = std::min<int64_t>(fVec::size(), rows * D - i);
+          store_from_f32(out + i, fVec::loadu(G.data() + i, n) * sv, n);
+        }
+        // dW += R^T T_tile, the token tile as the residual's product read it (in place, or staged in s.a)
+        tile_b.set(tl.A, rows, D, tl.lda, amx);
+        tile_b.gemm(C, Rt.data(), ldt, dw, D, true);
+      }
     });
   });
   Tensor dw = (dw_part.sum(0).narrow(0, 0, C * D).view({C, D}) * scale).to(weight.scalar_type());
@@ -295,7 +336,7 @@ std::tuple<Tensor, Tensor, Tensor> feature_align_loss_backward(const Tensor& gra
     dbp[c] = v * scale;
   }
   const auto db_type = (bias.has_value() && bias->defined()) ? bias->scalar_type() : weight.scalar_type();
-  return {dt, dw, db.to(db_type)};
+  return {dt.to(tokens.scalar_type()), dw, db.to(db_type)};
 }
 
 TORCH_LIBRARY_IMPL(dearkd_fast_native, CPU, m) {
