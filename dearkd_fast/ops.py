@@ -99,6 +99,20 @@ def _autocast_operands(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
     return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
 
 
+def _with_prefix(tokens: Tensor) -> Tensor:
+    """x when tokens is x[:, P:] of a [B, P + N, D] sequence x (a ViT's patch tokens after its prefix tokens),
+    else tokens. The native op takes the whole sequence, reads its last N rows and writes the gradient in x's
+    shape (zeros for the prefix): no zero-filled copy of the slice in the backward."""
+    base = tokens._base
+    if (base is None or base.dim() != 3 or torch.compiler.is_compiling() or base.shape[0] != tokens.shape[0]
+            or base.shape[2] != tokens.shape[2] or base.stride() != tokens.stride()):
+        return tokens
+    prefix = base.shape[1] - tokens.shape[1]
+    if prefix <= 0 or tokens.storage_offset() - base.storage_offset() != prefix * base.stride(1):
+        return tokens
+    return base
+
+
 def feature_align_loss(tokens: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, *, backend: str = "auto") -> Tensor:
     """mean over (B, N, C) of (tokens @ weight^T + bias - target_hw)^2; fp32 scalar. See reference.py.
     Under autocast, tokens, weight and bias are cast to the autocast dtype first (target as given)."""
@@ -110,7 +124,7 @@ def feature_align_loss(tokens: Tensor, weight: Tensor, bias: Tensor | None, targ
         from .kernels import native_ops
 
         weight, bias = _autocast_operands(weight, bias)
-        return native_ops.feature_align_loss(tokens, weight, bias, target)
+        return native_ops.feature_align_loss(_with_prefix(tokens), weight, bias, target)
     tokens, weight, bias = _autocast_operands(tokens, weight, bias)
     if chosen == "triton":
         from .kernels import feature_align

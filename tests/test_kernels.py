@@ -74,6 +74,8 @@ def check_align(backend, tokens, weight, bias, target, tol, strided=False):
     ref = reference.feature_align_loss(*ref_in, target.double())
     ref.backward()
     assert rel(loss, ref) < tol
+    if strided:  # the prefix rows of the sequence get a zero gradient
+        assert torch.equal(leaf.grad[:, :2], torch.zeros_like(leaf.grad[:, :2]))
     got = [leaf.grad[:, 2:] if strided else leaf.grad, w.grad] + ([] if b is None else [b.grad])
     for g, r in zip(got, ref_in):
         assert g.dtype == tokens.dtype and torch.isfinite(g).all()
@@ -283,3 +285,19 @@ def test_feature_align_under_autocast_as_training_feeds_it(backend):
     assert rel(loss, ref) < 1e-5  # the same rounded operands, fp32 accumulation
     for g, r in zip((leaf.grad[:, 2:], w.grad, b.grad), ref_in):
         assert g.dtype == torch.float32 and rel(g, r.grad) < TOL[torch.bfloat16]
+
+
+def test_feature_align_tokens_in_the_middle_of_a_sequence(backend):
+    """Tokens x[:, 1:-1] (rows after them too): not a prefix slice, so no backend may read or write past them."""
+    dev = device_of(backend)
+    tokens, weight, bias, target = align_inputs(2, 3, 4, 16, 6, torch.float32, dev=dev)
+    x = torch.randn(2, 14, 16, device=dev)
+    x[:, 1:13] = tokens
+    x.requires_grad_()
+    loss = ops.feature_align_loss(x[:, 1:-1], weight, bias, target, backend=backend)
+    loss.backward()
+    ref_t = tokens.double().requires_grad_()
+    ref = reference.feature_align_loss(ref_t, weight.double(), bias.double(), target.double())
+    ref.backward()
+    assert rel(loss, ref) < 1e-5 and rel(x.grad[:, 1:-1], ref_t.grad) < 1e-5
+    assert x.grad[:, 0].abs().sum() == 0 and x.grad[:, -1].abs().sum() == 0

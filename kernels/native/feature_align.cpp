@@ -2,12 +2,19 @@
 //
 //   L = mean over (b, n, c) of R^2,   R = T W^T + bias - F_hw     (T [B,N,D], W [C,D], F [B,C,h,w])
 //
+// T may also be [B, P + N, D]: the last N = h w rows are the patch tokens, the first P a ViT's prefix
+// tokens (class, distillation), which get a zero gradient. dearkd_fast.ops passes the whole sequence when
+// it is given x[:, P:], so the gradient is written once into x's shape instead of autograd's zero-filled
+// copy of the slice.
+//
 // Rows of one batch element are taken in tiles of at most kRows tokens; each tile's residual R [rows, C]
 // lives in a small fp32 buffer and is never written out whole, so no [B,N,C] tensor exists. The products
-// go through ATen's CPU BLAS batch-reduce GEMM (T x T -> fp32: oneDNN, with AMX or AVX-512 BF16 where the
-// CPU has them); the epilogue (bias, target, square) runs in fp32 vector lanes.
+// run in the weight's dtype through ATen's CPU BLAS batch-reduce GEMM (bf16/fp16 x -> fp32: oneDNN's AMX
+// micro-kernel where the CPU has AMX, else oneDNN's GEMM; fp32: MKL); fp32 tokens (a residual stream under
+// autocast) are rounded tile by tile as they are staged. The epilogue (bias, target, square) runs in fp32
+// vector lanes.
 //   backward (R recomputed per tile, s = grad * 2 / (B N C)):
-//     dT = s R W          (R cast to the token dtype, as the Triton kernel does)
+//     dT = s R W          (R in the products' dtype, as the Triton kernel does)
 //     dW = s sum_tiles R^T T  (one fp32 partial per thread, summed in a fixed order)
 //     db = s sum_m R
 // The target is read through its strides (NCHW or channels_last), the tokens through theirs.
@@ -90,6 +97,7 @@ struct AmxRelease {
 struct Problem {
   Tensor tokens, weight, wt, bias, target;  // tokens with unit stride along D; weight [C,D] and wt [D,C] contiguous
   int64_t B, N, D, C, w;
+  int64_t prefix;  // rows of tokens before the N patch tokens (a ViT's class/distillation tokens)
   int64_t tiles_per_b, tiles;
 };
 
@@ -113,25 +121,34 @@ Problem make_problem(const Tensor& tokens_in, const Tensor& weight_in, const std
   p.bias = has_bias ? bias->to(at::kFloat).contiguous() : at::zeros({weight_in.size(0)}, weight_in.options().dtype(at::kFloat));
   p.target = target;
   p.B = tokens_in.size(0);
-  p.N = tokens_in.size(1);
+  p.N = target.size(2) * target.size(3);
+  p.prefix = tokens_in.size(1) - p.N;
   p.D = tokens_in.size(2);
   p.C = weight_in.size(0);
   p.w = target.size(3);
-  TORCH_CHECK(weight_in.size(1) == p.D && target.size(0) == p.B && target.size(1) == p.C &&
-                  target.size(2) * target.size(3) == p.N,
+  TORCH_CHECK(weight_in.size(1) == p.D && target.size(0) == p.B && target.size(1) == p.C && p.prefix >= 0,
               "dearkd_fast native feature_align_loss: shapes do not fit");
   p.tiles_per_b = (p.N + kRows - 1) / kRows;
   p.tiles = p.B * p.tiles_per_b;
   return p;
 }
 
-// One thread's buffers for the tiles it takes.
+// One thread's buffers, kept by the thread from call to call: a fresh allocation of this size would come
+// from mmap and fault its pages in on every call (a whole op's time at the shapes of record). Everything a
+// call reads is written by that call first (pad columns included).
 template <typename T>
 struct Scratch {
-  aligned_vector<float> R;     // [rows, C] residual
-  std::vector<int64_t> f_off;  // target offset of each row's pixel
-  aligned_vector<T> a;         // a staged token tile: rounded to T, with a zero column for odd D on the AMX path
-  explicit Scratch(const Problem& p) : R(kRows * p.C), f_off(kRows) {}
+  aligned_vector<float> R, G, db;  // residual [rows, C]; dT tile [rows, D]; a tile's column sums [C]
+  std::vector<int64_t> f_off;      // target offset of each row's pixel
+  aligned_vector<T> a, Rc, Rt;     // staged token tile; R and R^T as T
+  OperandB<T> tile_b;              // the dW product's B operand (a token tile)
+
+  static Scratch& of_this_thread(const Problem& p) {
+    static thread_local Scratch s;
+    s.R.resize(std::max<size_t>(s.R.size(), kRows * p.C));
+    s.f_off.resize(kRows);
+    return s;
+  }
 };
 
 // The token tile of `tile` as the A operand [rows, k] of type T: in place when the tokens are T and no pad
@@ -139,7 +156,7 @@ struct Scratch {
 template <typename T, typename TT>
 std::pair<const T*, int64_t> token_tile(const Problem& p, int64_t b, int64_t n0, int64_t rows, int64_t k,
                                         Scratch<T>& s) {
-  const TT* src = p.tokens.data_ptr<TT>() + b * p.tokens.stride(0) + n0 * p.tokens.stride(1);
+  const TT* src = p.tokens.data_ptr<TT>() + b * p.tokens.stride(0) + (p.prefix + n0) * p.tokens.stride(1);
   const int64_t ld = p.tokens.stride(1), D = p.D;
   if constexpr (std::is_same_v<T, TT>) {
     if (k == D) return {src, ld};
@@ -244,7 +261,7 @@ Tensor feature_align_loss(const Tensor& tokens, const Tensor& weight, const std:
     wt.set(p.wt.data_ptr<T>(), p.D, p.C, p.C, use_amx<T>());
     per_thread(p.tiles, [&](int64_t t, int64_t first, int64_t last) {
       AmxRelease release{wt.amx};
-      Scratch<T> s(p);
+      Scratch<T>& s = Scratch<T>::of_this_thread(p);
       double acc = 0;
       for (int64_t tile = first; tile < last; ++tile) {
         const int64_t n = residual<T, TT, F>(p, wt, tile, s).rows * p.C;
@@ -273,9 +290,18 @@ std::tuple<Tensor, Tensor, Tensor> feature_align_loss_backward(const Tensor& gra
   Problem p = make_problem(tokens, weight, bias, target);
   const float scale = grad.item<float>() * 2.0f / float(p.B * p.N * p.C);
   const int64_t threads = thread_count(p.tiles), C = p.C, D = p.D;
-  Tensor dt = at::empty({p.B, p.N, D}, p.tokens.options());  // the tokens' dtype (fp32 for an fp32 stream)
-  const int64_t cd = (C * D + 15) / 16 * 16;  // each thread's partial starts 64-byte aligned
-  Tensor dw_part = at::zeros({threads, cd}, tokens.options().dtype(at::kFloat));
+  // the tokens' dtype (fp32 for an fp32 stream) and shape: prefix rows get a zero gradient
+  Tensor dt = at::empty({p.B, p.prefix + p.N, D}, p.tokens.options());  // prefix rows zeroed by their image's first tile
+  // one fp32 dW partial [C, D] per range of tiles, kept by the calling thread from call to call (a range's
+  // partial must outlive the range, and two ranges may share a worker thread); nullptr: an empty range
+  static thread_local std::vector<aligned_vector<float>> dw_pool;
+  if (dw_pool.size() < static_cast<size_t>(threads)) dw_pool.resize(threads);
+  std::vector<float*> dw_slot(threads);
+  for (int64_t t = 0; t < threads; ++t) {
+    dw_pool[t].resize(std::max<size_t>(dw_pool[t].size(), C * D));
+    dw_slot[t] = dw_pool[t].data();
+  }
+  std::vector<const float*> dw_part(threads, nullptr);
   std::vector<double> db_part(threads * C, 0.0);
   dispatch(p, [&](auto t_, auto tt_, auto f_) {
     using T = decltype(t_);
@@ -287,12 +313,17 @@ std::tuple<Tensor, Tensor, Tensor> feature_align_loss_backward(const Tensor& gra
     w.set(p.weight.data_ptr<T>(), C, D, D, amx);
     per_thread(p.tiles, [&](int64_t t, int64_t first, int64_t last) {
       AmxRelease release{amx};
-      Scratch<T> s(p);
+      Scratch<T>& s = Scratch<T>::of_this_thread(p);
       const int64_t cp = w.k_pad(), rp = amx ? even(kRows) : kRows;
-      aligned_vector<float> G(kRows * D), db_tile(C);
-      aligned_vector<T> Rc(kRows * cp, T(0)), Rt(C * rp, T(0));  // R and R^T as T; pad columns stay zero
-      OperandB<T> tile_b;
-      float* dw = dw_part.data_ptr<float>() + t * cd;
+      s.G.resize(std::max<size_t>(s.G.size(), kRows * D));
+      s.db.resize(std::max<size_t>(s.db.size(), C));
+      s.Rc.resize(std::max<size_t>(s.Rc.size(), kRows * cp));
+      s.Rt.resize(std::max<size_t>(s.Rt.size(), C * rp));
+      float *G = s.G.data(), *db_tile = s.db.data();
+      T *Rc = s.Rc.data(), *Rt = s.Rt.data();
+      OperandB<T>& tile_b = s.tile_b;
+      float* dw = dw_slot[t];
+      dw_part[t] = first < last ? dw : nullptr;
       double* db = db_part.data() + t * C;
       for (int64_t tile = first; tile < last; ++tile) {
         const Tile<T> tl = residual<T, TT, F>(p, wt, tile, s);
@@ -302,32 +333,43 @@ std::tuple<Tensor, Tensor, Tensor> feature_align_loss_backward(const Tensor& gra
         if (ldt != rows)
           for (int64_t c = 0; c < C; ++c) Rt[c * ldt + rows] = T(0);
         // db += colsum R (fp32 over the tile, double across tiles); Rc = R as T
-        std::fill(db_tile.begin(), db_tile.end(), 0.f);
+        std::fill(db_tile, db_tile + C, 0.f);
         for (int64_t i = 0; i < rows; ++i) {
           for (int64_t c = 0; c < C; c += fVec::size()) {
             const int64_t n = std::min<int64_t>(fVec::size(), C - c);
             const fVec r = fVec::loadu(R + i * C + c, n);
-            (fVec::loadu(db_tile.data() + c, n) + r).store(db_tile.data() + c, n);
-            store_from_f32(Rc.data() + i * cp + c, r, n);
+            (fVec::loadu(db_tile + c, n) + r).store(db_tile + c, n);
+            store_from_f32(Rc + i * cp + c, r, n);
           }
+          for (int64_t c = C; c < cp; ++c) Rc[i * cp + c] = T(0);  // the pad column of an odd C
         }
         for (int64_t c = 0; c < C; ++c) db[c] += db_tile[c];
-        transpose(Rc.data(), cp, Rt.data(), ldt, rows, C);  // Rt = R^T
+        transpose(Rc, cp, Rt, ldt, rows, C);  // Rt = R^T
         // dT_tile = scale R W, stored in the tokens' dtype
-        w.gemm(rows, Rc.data(), cp, G.data(), D, false);
-        TT* out = dt.data_ptr<TT>() + m0 * D;
+        w.gemm(rows, Rc, cp, G, D, false);
+        TT* out = dt.data_ptr<TT>() + ((m0 / p.N) * (p.prefix + p.N) + p.prefix + m0 % p.N) * D;
+        if (m0 % p.N == 0) std::fill(out - p.prefix * D, out, TT(0));
         const fVec sv(scale);
         for (int64_t i = 0; i < rows * D; i += fVec::size()) {
           const int64_t n = std::min<int64_t>(fVec::size(), rows * D - i);
-          store_from_f32(out + i, fVec::loadu(G.data() + i, n) * sv, n);
+          store_from_f32(out + i, fVec::loadu(G + i, n) * sv, n);
         }
         // dW += R^T T_tile, the token tile as the residual's product read it (in place, or staged in s.a)
         tile_b.set(tl.A, rows, D, tl.lda, amx);
-        tile_b.gemm(C, Rt.data(), ldt, dw, D, true);
+        tile_b.gemm(C, Rt, ldt, dw, D, /*add=*/tile != first);
       }
     });
   });
-  Tensor dw = (dw_part.sum(0).narrow(0, 0, C * D).view({C, D}) * scale).to(weight.scalar_type());
+  Tensor dw32 = at::zeros({C, D}, tokens.options().dtype(at::kFloat));  // sum of the partials in thread order
+  float* dwp = dw32.data_ptr<float>();
+  for (const float* part : dw_part) {
+    if (part == nullptr) continue;
+    for (int64_t i = 0; i < C * D; i += fVec::size()) {
+      const int64_t n = std::min<int64_t>(fVec::size(), C * D - i);
+      (fVec::loadu(dwp + i, n) + fVec::loadu(part + i, n)).store(dwp + i, n);
+    }
+  }
+  Tensor dw = (dw32 * scale).to(weight.scalar_type());
   Tensor db = at::empty({C}, tokens.options().dtype(at::kDouble));
   double* dbp = db.data_ptr<double>();
   for (int64_t c = 0; c < C; ++c) {
