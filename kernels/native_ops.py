@@ -13,11 +13,16 @@ import torch
 from torch import Tensor
 
 from .. import native
+from ..errors import BackendError
 from . import glue
 
 __all__ = ["feature_align_loss", "bn_stat_losses", "bn_moments"]
 
-torch.ops.load_library(str(native.library_path()))
+try:
+    torch.ops.load_library(str(native.library_path()))
+except (OSError, RuntimeError) as e:  # a library built against something this process does not have
+    raise BackendError(f"the native library {native.library_path()} does not load ({str(e).splitlines()[0]}); "
+                       f"rebuild it: python -m {native.PROG} --force") from None
 glue.register_bn("dearkd_fast_native")
 glue.register_align("dearkd_fast_native")
 _ops = torch.ops.dearkd_fast_native

@@ -68,3 +68,38 @@ def test_building_again_is_a_no_op_when_built():
     path = native.library_path()
     before = path.stat().st_mtime_ns
     assert native.build(progress=False) == path and path.stat().st_mtime_ns == before
+
+
+def test_the_blas_path_without_amx_matches_the_reference(tmp_path):
+    """DEARKD_NATIVE_NO_AMX=1 takes the products through ATen's CPU BLAS instead of the AMX micro-kernel (what a
+    CPU without AMX runs): odd sizes, bf16 and fp16, against the float64 reference (a fresh process: the
+    choice is made once per process)."""
+    from dearkd_fast.testing import require_native
+
+    require_native()
+    code = """
+import torch
+from dearkd_fast import ops, reference
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+for dtype in (torch.bfloat16, torch.float16):
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(3, 51, 65, generator=g).to(dtype).requires_grad_()  # 2 prefix rows, N = 49, odd D
+    w = (torch.randn(37, 65, generator=g) / 8).to(dtype).requires_grad_()
+    b = torch.randn(37, generator=g).to(dtype).requires_grad_()
+    f = torch.randn(3, 37, 7, 7, generator=g).to(dtype)
+    loss = ops.feature_align_loss(base[:, 2:], w, b, f, backend="native")
+    loss.backward()
+    ins = [t.detach()[:, 2:] if t is base else t.detach() for t in (base, w, b)]
+    ins = [t.double().requires_grad_() for t in ins]
+    ref = reference.feature_align_loss(*ins, f.double())
+    ref.backward()
+    assert rel(loss, ref) < 1e-4, rel(loss, ref)
+    for got, r in zip((base.grad[:, 2:], w.grad, b.grad), ins):
+        assert rel(got, r.grad) < 2e-2, rel(got, r.grad)
+print("ok")
+"""
+    env = dict(os.environ, DEARKD_NATIVE_NO_AMX="1")
+    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
