@@ -301,3 +301,16 @@ def test_feature_align_tokens_in_the_middle_of_a_sequence(backend):
     ref.backward()
     assert rel(loss, ref) < 1e-5 and rel(x.grad[:, 1:-1], ref_t.grad) < 1e-5
     assert x.grad[:, 0].abs().sum() == 0 and x.grad[:, -1].abs().sum() == 0
+
+
+def test_feature_align_zero_upstream_gradient(backend):
+    """A loss weighted by 0 (beta = 0, say): every gradient is exactly zero, none NaN (the native backward folds
+    the upstream scale into its products unless it is zero)."""
+    dev = device_of(backend)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        tokens, weight, bias, target = align_inputs(2, 3, 3, 10, 5, dtype, dev=dev)
+        leaf, tok = strided_leaf(tokens, True)
+        w, b = weight.clone().requires_grad_(), bias.clone().requires_grad_()
+        (0.0 * ops.feature_align_loss(tok, w, b, target, backend=backend)).backward()
+        for g in (leaf.grad, w.grad, b.grad):
+            assert torch.equal(g, torch.zeros_like(g))

@@ -303,6 +303,7 @@ std::tuple<Tensor, Tensor, Tensor> feature_align_loss_backward(const Tensor& gra
   }
   std::vector<const float*> dw_part(threads, nullptr);
   std::vector<double> db_part(threads * C, 0.0);
+  float dw_post = scale;  // what the dW partials still need (set by the dtype's path)
   dispatch(p, [&](auto t_, auto tt_, auto f_) {
     using T = decltype(t_);
     using TT = decltype(tt_);
@@ -311,6 +312,11 @@ std::tuple<Tensor, Tensor, Tensor> feature_align_loss_backward(const Tensor& gra
     OperandB<T> wt, w;
     wt.set(p.wt.data_ptr<T>(), D, C, C, amx);
     w.set(p.weight.data_ptr<T>(), C, D, D, amx);
+    // the scale goes into R before the products (dT and dW come out scaled; an fp32 dT is the product's own
+    // output), except for fp16, whose range would turn scale * R (about 1e-6 here) into subnormals (and for
+    // a zero or non-finite scale, which is applied after the products as before)
+    const float pre = (std::is_same_v<T, at::Half> || scale == 0.f || !std::isfinite(scale)) ? 1.f : scale;
+    dw_post = scale / pre;
     per_thread(p.tiles, [&](int64_t t, int64_t first, int64_t last) {
       AmxRelease release{amx};
       Scratch<T>& s = Scratch<T>::of_this_thread(p);
@@ -332,27 +338,35 @@ std::tuple<Tensor, Tensor, Tensor> feature_align_loss_backward(const Tensor& gra
         const int64_t ldt = amx ? even(rows) : rows;  // R^T's leading dimension: the dW product's K
         if (ldt != rows)
           for (int64_t c = 0; c < C; ++c) Rt[c * ldt + rows] = T(0);
-        // db += colsum R (fp32 over the tile, double across tiles); Rc = R as T
+        // db += colsum R (fp32 over the tile, double across tiles); Rc = pre R as T
         std::fill(db_tile, db_tile + C, 0.f);
+        const fVec pv(pre);
         for (int64_t i = 0; i < rows; ++i) {
           for (int64_t c = 0; c < C; c += fVec::size()) {
             const int64_t n = std::min<int64_t>(fVec::size(), C - c);
             const fVec r = fVec::loadu(R + i * C + c, n);
             (fVec::loadu(db_tile + c, n) + r).store(db_tile + c, n);
-            store_from_f32(Rc + i * cp + c, r, n);
+            store_from_f32(Rc + i * cp + c, r * pv, n);
           }
           for (int64_t c = C; c < cp; ++c) Rc[i * cp + c] = T(0);  // the pad column of an odd C
         }
         for (int64_t c = 0; c < C; ++c) db[c] += db_tile[c];
         transpose(Rc, cp, Rt, ldt, rows, C);  // Rt = R^T
-        // dT_tile = scale R W, stored in the tokens' dtype
-        w.gemm(rows, Rc, cp, G, D, false);
+        // dT_tile = scale R W in the tokens' dtype: written by the product itself when both are fp32-scaled
         TT* out = dt.data_ptr<TT>() + ((m0 / p.N) * (p.prefix + p.N) + p.prefix + m0 % p.N) * D;
         if (m0 % p.N == 0) std::fill(out - p.prefix * D, out, TT(0));
-        const fVec sv(scale);
-        for (int64_t i = 0; i < rows * D; i += fVec::size()) {
-          const int64_t n = std::min<int64_t>(fVec::size(), rows * D - i);
-          store_from_f32(out + i, fVec::loadu(G + i, n) * sv, n);
+        if constexpr (std::is_same_v<TT, float>) {
+          if (pre == scale) {
+            w.gemm(rows, Rc, cp, out, D, false);
+          }
+        }
+        if (!std::is_same_v<TT, float> || pre != scale) {
+          w.gemm(rows, Rc, cp, G, D, false);
+          const fVec sv(scale / pre);
+          for (int64_t i = 0; i < rows * D; i += fVec::size()) {
+            const int64_t n = std::min<int64_t>(fVec::size(), rows * D - i);
+            store_from_f32(out + i, fVec::loadu(G + i, n) * sv, n);
+          }
         }
         // dW += R^T T_tile, the token tile as the residual's product read it (in place, or staged in s.a)
         tile_b.set(tl.A, rows, D, tl.lda, amx);
@@ -369,7 +383,7 @@ std::tuple<Tensor, Tensor, Tensor> feature_align_loss_backward(const Tensor& gra
       (fVec::loadu(dwp + i, n) + fVec::loadu(part + i, n)).store(dwp + i, n);
     }
   }
-  Tensor dw = (dw32 * scale).to(weight.scalar_type());
+  Tensor dw = (dw_post == 1.f ? dw32 : dw32 * dw_post).to(weight.scalar_type());
   Tensor db = at::empty({C}, tokens.options().dtype(at::kDouble));
   double* dbp = db.data_ptr<double>();
   for (int64_t c = 0; c < C; ++c) {
