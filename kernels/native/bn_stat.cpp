@@ -6,6 +6,7 @@
 // so x = 1e3 + noise keeps its variance. Sums run in fp32 vector lanes over blocks of at most
 // kBlock elements per lane and are added across blocks in double.
 // bn_moments_backward: dx = g_mean_c / n + g_var_c * 2 (x - mean_c) / n, written in x's layout.
+// All layers of a call share one parallel region (a teacher has dozens of small BN inputs).
 //
 // Layouts: channels_last (channel stride 1) reduces rows (b, h, w) with channels in the vector lanes;
 // NCHW-like (spatial stride 1, H and W mergeable) reduces each (b, c) plane along its pixels; anything
@@ -79,79 +80,57 @@ inline void channels_last_block(const View& v, const T* base, const float* shift
   }
 }
 
-// sums[c] += (S1, S2) of one layer; sums is [C, 2] double
+// (S1, S2) of rows [r0, r1) of a channels_last view, added to out [C, 2]
 template <typename T>
-void moments_channels_last(const View& v, const float* shift, double* sums) {
+void sums_rows(const View& v, const float* shift, int64_t r0, int64_t r1, double* out) {
   const T* base = v.x.data_ptr<T>();
-  const int64_t R = v.B * v.HW, C = v.C, width = kVecs * fVec::size();
-  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (R + kBlock - 1) / kBlock));
-  std::vector<double> part(threads * C * 2, 0.0);
-  const int64_t per = (R + threads - 1) / threads;
-  at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      double* out = part.data() + t * C * 2;
-      const int64_t r_end = std::min(R, (t + 1) * per);
-      for (int64_t r0 = t * per; r0 < r_end; r0 += kBlock) {
-        const int64_t r1 = std::min(r_end, r0 + kBlock);
-        for (int64_t c0 = 0; c0 < C; c0 += width) {
-          if (c0 + width <= C) {
-            channels_last_block<T, true>(v, base, shift, r0, r1, c0, out);
-          } else {
-            channels_last_block<T, false>(v, base, shift, r0, r1, c0, out);
-          }
-        }
+  const int64_t width = kVecs * fVec::size();
+  for (int64_t b0 = r0; b0 < r1; b0 += kBlock) {
+    const int64_t b1 = std::min(r1, b0 + kBlock);
+    for (int64_t c0 = 0; c0 < v.C; c0 += width) {
+      if (c0 + width <= v.C) {
+        channels_last_block<T, true>(v, base, shift, b0, b1, c0, out);
+      } else {
+        channels_last_block<T, false>(v, base, shift, b0, b1, c0, out);
       }
     }
-  });
-  for (int64_t t = 0; t < threads; ++t)
-    for (int64_t i = 0; i < C * 2; ++i) sums[i] += part[t * C * 2 + i];
+  }
 }
 
+// (S1, S2) of planes [p0, p1) (p = b C + c, each HW contiguous pixels), added to out [C, 2]
 template <typename T>
-void moments_planes(const View& v, const float* shift, double* sums) {
+void sums_planes(const View& v, const float* shift, int64_t p0, int64_t p1, double* out) {
+  constexpr int64_t L = fVec::size();
   const T* base = v.x.data_ptr<T>();
-  const int64_t P = v.B * v.C, HW = v.HW;
-  std::vector<double> part(P * 2);  // (b, c) plane sums
-  at::parallel_for(0, P, std::max<int64_t>(1, 32768 / std::max<int64_t>(HW, 1)), [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) {
-      const int64_t b = p / v.C, c = p % v.C;
-      const T* plane = base + b * v.sb + c * v.sc;
-      const fVec s(shift[c]);
-      double d1 = 0, d2 = 0;
-      for (int64_t i0 = 0; i0 < HW; i0 += kBlock * fVec::size()) {
-        fVec a(0.f), q(0.f), a2(0.f), q2(0.f);
-        const int64_t i_end = std::min(HW, i0 + kBlock * fVec::size());
-        int64_t i = i0;
-        for (; i + 2 * fVec::size() <= i_end; i += 2 * fVec::size()) {
-          fVec lo, hi;
-          load2_f32(plane + i, lo, hi);
-          lo = lo - s;
-          hi = hi - s;
-          a = a + lo;
-          q = at::vec::fmadd(lo, lo, q);
-          a2 = a2 + hi;
-          q2 = at::vec::fmadd(hi, hi, q2);
-        }
-        for (; i < i_end; i += fVec::size()) {
-          const int64_t n = std::min<int64_t>(fVec::size(), i_end - i);
-          fVec d = load_f32(plane + i, n) - s;
-          if (n < fVec::size()) d = fVec::set(fVec(0.f), d, n);  // lanes past the tail count as zero
-          a = a + d;
-          q = at::vec::fmadd(d, d, q);
-        }
-        a = a + a2;
-        q = q + q2;
-        d1 += at::vec::vec_reduce_all<float>(std::plus<fVec>(), a);
-        d2 += at::vec::vec_reduce_all<float>(std::plus<fVec>(), q);
+  const int64_t HW = v.HW;
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t b = p / v.C, c = p % v.C;
+    const T* plane = base + b * v.sb + c * v.sc;
+    const fVec s(shift[c]);
+    for (int64_t i0 = 0; i0 < HW; i0 += kBlock * L) {
+      fVec a(0.f), q(0.f), a2(0.f), q2(0.f);
+      const int64_t i_end = std::min(HW, i0 + kBlock * L);
+      int64_t i = i0;
+      for (; i + 2 * L <= i_end; i += 2 * L) {
+        fVec lo, hi;
+        load2_f32(plane + i, lo, hi);
+        lo = lo - s;
+        hi = hi - s;
+        a = a + lo;
+        q = at::vec::fmadd(lo, lo, q);
+        a2 = a2 + hi;
+        q2 = at::vec::fmadd(hi, hi, q2);
       }
-      part[2 * p] = d1;
-      part[2 * p + 1] = d2;
+      for (; i < i_end; i += L) {
+        const int64_t n = std::min<int64_t>(L, i_end - i);
+        fVec d = load_f32(plane + i, n) - s;
+        if (n < L) d = fVec::set(fVec(0.f), d, n);  // lanes past the tail count as zero
+        a = a + d;
+        q = at::vec::fmadd(d, d, q);
+      }
+      out[2 * c] += at::vec::vec_reduce_all<float>(std::plus<fVec>(), a + a2);
+      out[2 * c + 1] += at::vec::vec_reduce_all<float>(std::plus<fVec>(), q + q2);
     }
-  });
-  for (int64_t p = 0; p < P; ++p) {
-    const int64_t c = p % v.C;
-    sums[2 * c] += part[2 * p];
-    sums[2 * c + 1] += part[2 * p + 1];
   }
 }
 
@@ -174,44 +153,38 @@ inline void bwd_row(const T* x, T* out, int64_t n, const float* mean, const floa
   }
 }
 
+// dx of rows [r0, r1) of a channels_last view; dx has x's strides, so one offset addresses both
 template <typename T>
-void moments_bwd_channels_last(const View& v, const Tensor& dx, const float* mean, const float* gm, const float* gv) {
+void bwd_rows(const View& v, T* out, const float* mean, const float* a, const float* g, int64_t r0, int64_t r1) {
   const T* base = v.x.data_ptr<T>();
-  T* out = dx.data_ptr<T>();
-  const int64_t R = v.B * v.HW, C = v.C;
-  at::parallel_for(0, R, std::max<int64_t>(1, 16384 / C), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t off = (r / v.HW) * v.sb + (r % v.HW) * v.ss;
-      bwd_row(base + off, out + off, C, mean, gm, gv);
-    }
-  });
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t off = (r / v.HW) * v.sb + (r % v.HW) * v.ss;
+    bwd_row(base + off, out + off, v.C, mean, a, g);
+  }
 }
 
+// dx of planes [p0, p1)
 template <typename T>
-void moments_bwd_planes(const View& v, const Tensor& dx, const float* mean, const float* gm, const float* gv) {
+void bwd_planes(const View& v, T* out, const float* mean, const float* gm, const float* gv, int64_t p0, int64_t p1) {
   constexpr int64_t L = fVec::size();
   const T* base = v.x.data_ptr<T>();
-  T* out = dx.data_ptr<T>();
-  const int64_t P = v.B * v.C, HW = v.HW;
-  // dx has x's strides (empty_like of a dense x), so the same offsets address both
-  at::parallel_for(0, P, std::max<int64_t>(1, 32768 / std::max<int64_t>(HW, 1)), [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) {
-      const int64_t b = p / v.C, c = p % v.C;
-      const T* x = base + b * v.sb + c * v.sc;
-      T* o = out + b * v.sb + c * v.sc;
-      const fVec m(mean[c]), a(gm[c]), g(gv[c]);
-      int64_t i = 0;
-      for (; i + 2 * L <= HW; i += 2 * L) {
-        fVec lo, hi;
-        load2_f32(x + i, lo, hi);
-        store2_from_f32(o + i, at::vec::fmadd(g, lo - m, a), at::vec::fmadd(g, hi - m, a));
-      }
-      for (; i < HW; i += L) {
-        const int64_t k = std::min<int64_t>(L, HW - i);
-        store_from_f32(o + i, at::vec::fmadd(g, load_f32(x + i, k) - m, a), k);
-      }
+  const int64_t HW = v.HW;
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t b = p / v.C, c = p % v.C;
+    const T* x = base + b * v.sb + c * v.sc;
+    T* o = out + b * v.sb + c * v.sc;
+    const fVec m(mean[c]), a(gm[c]), g(gv[c]);
+    int64_t i = 0;
+    for (; i + 2 * L <= HW; i += 2 * L) {
+      fVec lo, hi;
+      load2_f32(x + i, lo, hi);
+      store2_from_f32(o + i, at::vec::fmadd(g, lo - m, a), at::vec::fmadd(g, hi - m, a));
     }
-  });
+    for (; i < HW; i += L) {
+      const int64_t k = std::min<int64_t>(L, HW - i);
+      store_from_f32(o + i, at::vec::fmadd(g, load_f32(x + i, k) - m, a), k);
+    }
+  }
 }
 
 void check_input(const Tensor& x) {
@@ -220,71 +193,135 @@ void check_input(const Tensor& x) {
   TORCH_CHECK(x.numel() > 0, "dearkd_fast native bn_moments: x is empty");
 }
 
+// One call's work over all its layers, in one parallel region: items of about kItem elements, each a range
+// of rows (channels_last) or planes of one layer. The split depends on the shapes alone, and each item's
+// sums are added in item order, so the moments are the same for every thread count.
+constexpr int64_t kItem = 1 << 16;
+
+struct Item {
+  int64_t layer, begin, end;
+};
+
+std::vector<Item> split(const std::vector<View>& views) {
+  std::vector<Item> items;
+  for (int64_t l = 0; l < static_cast<int64_t>(views.size()); ++l) {
+    const View& v = views[l];
+    const bool rows = v.layout == Layout::kChannelsLast;
+    const int64_t count = rows ? v.B * v.HW : v.B * v.C, unit = rows ? v.C : v.HW;
+    const int64_t per = std::max<int64_t>(1, kItem / std::max<int64_t>(unit, 1));
+    for (int64_t b = 0; b < count; b += per) items.push_back({l, b, std::min(count, b + per)});
+  }
+  return items;
+}
+
+std::vector<View> views_of(at::TensorList xs) {
+  TORCH_CHECK(!xs.empty(), "dearkd_fast native bn_moments: no inputs");
+  std::vector<View> views;
+  for (const auto& x : xs) {
+    check_input(x);
+    views.push_back(view_of(x));
+  }
+  return views;
+}
+
 }  // namespace
 
 std::vector<Tensor> bn_moments(at::TensorList xs) {
-  TORCH_CHECK(!xs.empty(), "dearkd_fast native bn_moments: no inputs");
+  const std::vector<View> views = views_of(xs);
   int64_t total_c = 0;
-  for (const auto& x : xs) {
-    check_input(x);
-    total_c += x.size(1);
+  std::vector<int64_t> col0;  // each layer's first concatenated channel
+  for (const View& v : views) {
+    col0.push_back(total_c);
+    total_c += v.C;
+  }
+  std::vector<float> shift(total_c);  // s_c = x[0, c, 0, 0]
+  for (size_t l = 0; l < views.size(); ++l) {
+    const View& v = views[l];
+    DEARKD_DISPATCH(v.x.scalar_type(), "bn_moments", [&] {
+      const scalar_t* base = v.x.data_ptr<scalar_t>();
+      for (int64_t c = 0; c < v.C; ++c) shift[col0[l] + c] = static_cast<float>(base[c * v.sc]);
+    });
+  }
+  const std::vector<Item> items = split(views);
+  std::vector<int64_t> slot(items.size());  // each item's [C, 2] sums in `part`
+  int64_t size = 0;
+  for (size_t i = 0; i < items.size(); ++i) {
+    slot[i] = size;
+    size += views[items[i].layer].C * 2;
+  }
+  std::vector<double> part(size, 0.0);
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const Item& it = items[i];
+      const View& v = views[it.layer];
+      const float* sh = shift.data() + col0[it.layer];
+      DEARKD_DISPATCH(v.x.scalar_type(), "bn_moments", [&] {
+        if (v.layout == Layout::kChannelsLast) {
+          sums_rows<scalar_t>(v, sh, it.begin, it.end, part.data() + slot[i]);
+        } else {
+          sums_planes<scalar_t>(v, sh, it.begin, it.end, part.data() + slot[i]);
+        }
+      });
+    }
+  });
+  std::vector<double> sums(total_c * 2, 0.0);
+  for (size_t i = 0; i < items.size(); ++i) {  // in item order
+    const int64_t l = items[i].layer;
+    for (int64_t k = 0; k < views[l].C * 2; ++k) sums[col0[l] * 2 + k] += part[slot[i] + k];
   }
   auto opts = xs[0].options().dtype(at::kFloat);
   Tensor mean = at::empty({total_c}, opts), var = at::empty({total_c}, opts);
   float* mp = mean.data_ptr<float>();
   float* vp = var.data_ptr<float>();
-  int64_t col0 = 0;
-  for (const auto& x_in : xs) {
-    View v = view_of(x_in);
-    std::vector<float> shift(v.C);
-    std::vector<double> sums(v.C * 2, 0.0);
-    DEARKD_DISPATCH(v.x.scalar_type(), "bn_moments", [&] {
-      const scalar_t* base = v.x.data_ptr<scalar_t>();
-      for (int64_t c = 0; c < v.C; ++c) shift[c] = static_cast<float>(base[c * v.sc]);
-      if (v.layout == Layout::kChannelsLast) {
-        moments_channels_last<scalar_t>(v, shift.data(), sums.data());
-      } else {
-        moments_planes<scalar_t>(v, shift.data(), sums.data());
-      }
-    });
-    const double n = static_cast<double>(v.B * v.HW);
-    for (int64_t c = 0; c < v.C; ++c) {
+  for (size_t l = 0; l < views.size(); ++l) {
+    const double n = static_cast<double>(views[l].B * views[l].HW);
+    for (int64_t c = col0[l]; c < col0[l] + views[l].C; ++c) {
       const double d = sums[2 * c] / n;
-      mp[col0 + c] = static_cast<float>(shift[c] + d);
-      vp[col0 + c] = static_cast<float>(std::max(sums[2 * c + 1] / n - d * d, 0.0));
+      mp[c] = static_cast<float>(shift[c] + d);
+      vp[c] = static_cast<float>(std::max(sums[2 * c + 1] / n - d * d, 0.0));
     }
-    col0 += v.C;
   }
   return {mean, var};
 }
 
 std::vector<Tensor> bn_moments_backward(at::TensorList xs, const Tensor& mean, const Tensor& grad_mean,
                                         const Tensor& grad_var) {
-  Tensor m = mean.to(at::kFloat).contiguous(), gm = grad_mean.to(at::kFloat).contiguous(),
-         gv = grad_var.to(at::kFloat).contiguous();
+  const std::vector<View> views = views_of(xs);
+  Tensor m = mean.to(at::kFloat).contiguous();
+  Tensor gm = grad_mean.to(at::kFloat).contiguous(), gv = grad_var.to(at::kFloat).contiguous();
+  const int64_t total_c = m.numel();
+  // per-channel coefficients of every layer: dx = a_c + g_c (x - mean_c)
+  std::vector<float> a(total_c), g(total_c);
+  std::vector<int64_t> col0;
   std::vector<Tensor> dxs;
-  int64_t col0 = 0;
-  for (const auto& x_in : xs) {
-    check_input(x_in);
-    View v = view_of(x_in);
+  int64_t c0 = 0;
+  for (const View& v : views) {
+    col0.push_back(c0);
     const double n = static_cast<double>(v.B * v.HW);
-    // per-channel coefficients: dx = a_c + g_c (x - mean_c)
-    std::vector<float> a(v.C), g(v.C);
-    for (int64_t c = 0; c < v.C; ++c) {
-      a[c] = static_cast<float>(gm.data_ptr<float>()[col0 + c] / n);
-      g[c] = static_cast<float>(2.0 * gv.data_ptr<float>()[col0 + c] / n);
+    for (int64_t c = c0; c < c0 + v.C; ++c) {
+      a[c] = static_cast<float>(gm.data_ptr<float>()[c] / n);
+      g[c] = static_cast<float>(2.0 * gv.data_ptr<float>()[c] / n);
     }
-    Tensor dx = at::empty_like(v.x);  // v.x is dense: dx gets its strides, so one offset addresses both
-    DEARKD_DISPATCH(v.x.scalar_type(), "bn_moments_backward", [&] {
-      if (v.layout == Layout::kChannelsLast) {
-        moments_bwd_channels_last<scalar_t>(v, dx, m.data_ptr<float>() + col0, a.data(), g.data());
-      } else {
-        moments_bwd_planes<scalar_t>(v, dx, m.data_ptr<float>() + col0, a.data(), g.data());
-      }
-    });
-    dxs.push_back(dx);
-    col0 += v.C;
+    dxs.push_back(at::empty_like(v.x));  // v.x is dense: dx gets its strides, so one offset addresses both
+    c0 += v.C;
   }
+  TORCH_CHECK(c0 == total_c, "dearkd_fast native bn_moments_backward: ", total_c, " means for ", c0, " channels");
+  const std::vector<Item> items = split(views);
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const Item& it = items[i];
+      const View& v = views[it.layer];
+      const int64_t k = col0[it.layer];
+      DEARKD_DISPATCH(v.x.scalar_type(), "bn_moments_backward", [&] {
+        scalar_t* out = dxs[it.layer].data_ptr<scalar_t>();
+        if (v.layout == Layout::kChannelsLast) {
+          bwd_rows<scalar_t>(v, out, m.data_ptr<float>() + k, a.data() + k, g.data() + k, it.begin, it.end);
+        } else {
+          bwd_planes<scalar_t>(v, out, m.data_ptr<float>() + k, a.data() + k, g.data() + k, it.begin, it.end);
+        }
+      });
+    }
+  });
   return dxs;
 }
 
