@@ -103,3 +103,27 @@ print("ok")
     done = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_bn_moments_do_not_depend_on_the_thread_count():
+    """The native BN op splits its work by shape alone and adds the pieces in order: 1 thread and 2 threads give
+    the same bits (what a resumed run on another machine needs)."""
+    import torch
+
+    from dearkd_fast.testing import require_native
+
+    require_native()
+    from dearkd_fast.kernels.native_ops import bn_moments
+
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(4, 24, 40, 40, generator=g).to(memory_format=torch.channels_last),
+          torch.randn(4, 8, 33, 35, generator=g).bfloat16()]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = bn_moments(xs)
+        torch.set_num_threads(2)
+        two = bn_moments(xs)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(one, two))
