@@ -8,6 +8,7 @@ stage=$(mktemp -d)
 cp -r dearkd_fast tests pyproject.toml "$stage/" && rm -rf "$stage/dearkd_fast/kernels" && cp -r kernels "$stage/dearkd_fast/kernels"
 cd "$stage" || exit 1
 export PYTHONPATH="$stage" PYTHONUNBUFFERED=1
+python -m dearkd_fast.native --no-progress   # the native CPU backend (its tests run on CPU tensors there too)
 parallel=$(python -c "import xdist" 2>/dev/null && echo "-n 8")
 # shellcheck disable=SC2086
 timeout "${1:-240}" python -m pytest tests/test_kernels.py tests/test_dispatch.py tests/test_losses.py tests/test_step.py \
