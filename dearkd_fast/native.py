@@ -71,6 +71,10 @@ def missing_tools() -> list[str]:
     return [t for t in ("cmake", "c++") if shutil.which(os.environ.get("CXX", "c++") if t == "c++" else t) is None]
 
 
+def _not_found(missing: list[str]) -> str:
+    return f"{' and '.join(missing)} not found on PATH"
+
+
 def unavailable_reason() -> str | None:
     """None when the library for this key is built; else one line saying why not and what to run."""
     if library_path().is_file():
@@ -80,7 +84,7 @@ def unavailable_reason() -> str | None:
         return f"its build failed: {failed.read_text(encoding='utf-8').strip()} (python -m {PROG} --force retries)"
     missing = missing_tools()
     if missing:
-        return f"it cannot be built here: {' and '.join(missing)} not found on PATH"
+        return f"it cannot be built here: {_not_found(missing)}"
     return f"it is not built for these sources, this torch and this CPU: run python -m {PROG}"
 
 
@@ -113,7 +117,7 @@ def build(force: bool = False, progress: bool = True) -> Path:
         return target
     missing = missing_tools()
     if missing:
-        raise RunError(f"cannot build the native backend: {' and '.join(missing)} not found on PATH")
+        raise RunError(f"cannot build the native backend: {_not_found(missing)}")
     target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="build-", dir=target.parent))
     log_path = target.parent / "build.log"

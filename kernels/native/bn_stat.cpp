@@ -45,6 +45,18 @@ View view_of(const Tensor& x_in) {
   return View{x, x.size(0), x.size(1), H * W, x.stride(0), x.stride(1), spatial(x), layout};
 }
 
+// fn(offset) of every row r in [r0, r1) of a channels_last view (row r = pixel r % HW of image r / HW)
+template <typename Fn>
+inline void each_row(const View& v, int64_t r0, int64_t r1, const Fn& fn) {
+  for (int64_t r = r0; r < r1; ++r) fn((r / v.HW) * v.sb + (r % v.HW) * v.ss);
+}
+
+// fn(c, offset) of every plane p = b C + c in [p0, p1) (each HW contiguous pixels)
+template <typename Fn>
+inline void each_plane(const View& v, int64_t p0, int64_t p1, const Fn& fn) {
+  for (int64_t p = p0; p < p1; ++p) fn(p % v.C, (p / v.C) * v.sb + (p % v.C) * v.sc);
+}
+
 constexpr int kVecs = 4;  // channel vectors a channels_last row block keeps in registers
 
 // (S1, S2) of channels [c0, c0 + kVecs * L) over rows [r0, r1), added to out[2 c], out[2 c + 1] (double)
@@ -59,8 +71,8 @@ inline void channels_last_block(const View& v, const T* base, const float* shift
     a[j] = q[j] = fVec(0.f);
     s[j] = n[j] > 0 ? fVec::loadu(shift + c0 + j * L, n[j]) : fVec(0.f);
   }
-  for (int64_t r = r0; r < r1; ++r) {
-    const T* row = base + (r / v.HW) * v.sb + (r % v.HW) * v.ss + c0;
+  each_row(v, r0, r1, [&](int64_t off) {
+    const T* row = base + off + c0;
 #pragma GCC unroll 4
     for (int j = 0; j < kVecs; ++j) {
       if (!kFull && n[j] == 0) break;
@@ -68,7 +80,7 @@ inline void channels_last_block(const View& v, const T* base, const float* shift
       a[j] = a[j] + d;
       q[j] = at::vec::fmadd(d, d, q[j]);
     }
-  }
+  });
   for (int j = 0; j < kVecs; ++j) {
     float fa[L], fq[L];
     a[j].store(fa);
@@ -103,9 +115,8 @@ void sums_planes(const View& v, const float* shift, int64_t p0, int64_t p1, doub
   constexpr int64_t L = fVec::size();
   const T* base = v.x.data_ptr<T>();
   const int64_t HW = v.HW;
-  for (int64_t p = p0; p < p1; ++p) {
-    const int64_t b = p / v.C, c = p % v.C;
-    const T* plane = base + b * v.sb + c * v.sc;
+  each_plane(v, p0, p1, [&](int64_t c, int64_t off) {
+    const T* plane = base + off;
     const fVec s(shift[c]);
     for (int64_t i0 = 0; i0 < HW; i0 += kBlock * L) {
       fVec a(0.f), q(0.f), a2(0.f), q2(0.f);
@@ -131,7 +142,7 @@ void sums_planes(const View& v, const float* shift, int64_t p0, int64_t p1, doub
       out[2 * c] += at::vec::vec_reduce_all<float>(std::plus<fVec>(), a + a2);
       out[2 * c + 1] += at::vec::vec_reduce_all<float>(std::plus<fVec>(), q + q2);
     }
-  }
+  });
 }
 
 // dx = a_c + g_c (x - mean_c) over `n` contiguous channels [c, c + n) of one row (channels_last)
@@ -157,10 +168,7 @@ inline void bwd_row(const T* x, T* out, int64_t n, const float* mean, const floa
 template <typename T>
 void bwd_rows(const View& v, T* out, const float* mean, const float* a, const float* g, int64_t r0, int64_t r1) {
   const T* base = v.x.data_ptr<T>();
-  for (int64_t r = r0; r < r1; ++r) {
-    const int64_t off = (r / v.HW) * v.sb + (r % v.HW) * v.ss;
-    bwd_row(base + off, out + off, v.C, mean, a, g);
-  }
+  each_row(v, r0, r1, [&](int64_t off) { bwd_row(base + off, out + off, v.C, mean, a, g); });
 }
 
 // dx of planes [p0, p1)
@@ -169,10 +177,9 @@ void bwd_planes(const View& v, T* out, const float* mean, const float* gm, const
   constexpr int64_t L = fVec::size();
   const T* base = v.x.data_ptr<T>();
   const int64_t HW = v.HW;
-  for (int64_t p = p0; p < p1; ++p) {
-    const int64_t b = p / v.C, c = p % v.C;
-    const T* x = base + b * v.sb + c * v.sc;
-    T* o = out + b * v.sb + c * v.sc;
+  each_plane(v, p0, p1, [&](int64_t c, int64_t off) {
+    const T* x = base + off;
+    T* o = out + off;
     const fVec m(mean[c]), a(gm[c]), g(gv[c]);
     int64_t i = 0;
     for (; i + 2 * L <= HW; i += 2 * L) {
@@ -184,7 +191,7 @@ void bwd_planes(const View& v, T* out, const float* mean, const float* gm, const
       const int64_t k = std::min<int64_t>(L, HW - i);
       store_from_f32(o + i, at::vec::fmadd(g, load_f32(x + i, k) - m, a), k);
     }
-  }
+  });
 }
 
 void check_input(const Tensor& x) {
