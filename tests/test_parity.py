@@ -172,4 +172,6 @@ def test_the_loop_reproduces_the_public_one(resolution, extra, monkeypatch):
     losses, trajectory = official_loop(teacher, targets, x0, s, 7, lo, hi, student if s.adi else None)
     assert len(ours) == len(losses) == s.low_res_iterations + s.iterations
     np.testing.assert_allclose([v.item() for v in ours], losses, rtol=2e-5)
-    torch.testing.assert_close(images, trajectory[int(np.argmin(losses))], rtol=1e-5, atol=1e-5)
+    # the losses agree to 2e-5 above; the pixels after the Adam steps to 1e-4 (seen: one pixel of 18,432 off by
+    # 5.7e-5 on a 2-core Xeon, where the two loops' convolutions sum in different orders)
+    torch.testing.assert_close(images, trajectory[int(np.argmin(losses))], rtol=1e-4, atol=1e-4)
