@@ -152,7 +152,7 @@ class MHCA(nn.Module):
         P = self.num_prefix_tokens
         content = F.scaled_dot_product_attention(q, k, v)  # flash / memory-efficient / fused CPU kernel
         g = self.gate()
-        pos = torch.matmul(self.positional_attention().to(v.dtype), v[:, :, P:])  # [B,H,N,d]
+        pos = shared_attention(self.positional_attention().to(v.dtype), v[:, :, P:])  # [B,H,N,d]
         patch = (1.0 - g) * content[:, :, P:] + g * pos
         return torch.cat([content[:, :, :P], patch.to(content.dtype)], dim=2)
 
@@ -166,6 +166,15 @@ class MHCA(nn.Module):
         patch_rows = (1.0 - g) * content[:, :, P:] + F.pad(g * pos, (P, 0))  # keys: prefix get no pos term
         attn = torch.cat([content[:, :, :P], patch_rows], dim=2).to(v.dtype)
         return self.attn_drop(attn) @ v
+
+
+def shared_attention(attn: Tensor, v: Tensor) -> Tensor:
+    """out[b, h] = attn[h] @ v[b, h] for attn [H, N, N] shared by the batch and v [B, H, N, d], as one product
+    per head over the batch folded into the columns ([H, N, N] @ [H, N, B*d]): neither the product nor its
+    gradient expands attn over the batch (a broadcasting matmul's backward builds [B, H, N, N])."""
+    B, H, N, d = v.shape
+    cols = v.permute(1, 2, 0, 3).reshape(H, N, B * d)
+    return torch.bmm(attn, cols).view(H, N, B, d).permute(2, 0, 1, 3)
 
 
 def _pick_fused(choice: Optional[bool], x: Tensor) -> bool:
