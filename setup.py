@@ -12,7 +12,7 @@ setup(
     package_dir={"dearkd_fast": "dearkd_fast", "dearkd_fast.kernels": "kernels"},
     # the native CPU backend's sources travel with the package: python -m dearkd_fast.native builds them
     # after pip has installed torch (see dearkd_fast/native.py)
-    package_data={"dearkd_fast.kernels": ["native/*.cpp", "native/*.h", "native/CMakeLists.txt"]},
+    package_data={"dearkd_fast.kernels": ["configs.json", "native/*.cpp", "native/*.h", "native/CMakeLists.txt"]},
     install_requires=[
         "torch>=2.4",
         "torchvision>=0.19",

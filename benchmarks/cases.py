@@ -18,6 +18,10 @@ from PIL import Image
 from dearkd_fast import ops, reference
 from dearkd_fast.config import IMAGENET_MEAN, IMAGENET_STD, INVERSION
 from dearkd_fast.data.folder import cache_root
+from dearkd_fast.kernels_report import ALIGN_SHAPE as GPU_ALIGN_SHAPE
+from dearkd_fast.kernels_report import BN_SHAPE as GPU_BN_SHAPE
+from dearkd_fast.kernels_report import RESNET50_BATCH as GPU_RESNET50_BATCH
+from dearkd_fast.kernels_report import RESNET50_SIZE as GPU_RESNET50_SIZE
 from dearkd_fast.testing import folder_data
 from dearkd_fast.testing import public_bn_loss as deepinversion_bn_loss
 
@@ -27,10 +31,10 @@ BF16 = torch.bfloat16
 
 # shapes of record on a GPU; on a CPU (the 2-core machine) the native backend's shapes of record (issue 13):
 # one BN layer [32,64,56,56] channels_last, alignment B=32, N=196, D=192, C=128
-BN_SHAPE = (256, 64, 56, 56) if GPU else (32, 64, 56, 56)
+BN_SHAPE = GPU_BN_SHAPE if GPU else (32, 64, 56, 56)
 BN_CHANNELS_LAST = not GPU
-ALIGN_SHAPE = dict(B=256, N=196, D=384, C=256) if GPU else dict(B=32, N=196, D=192, C=128)
-RESNET50_BATCH, RESNET50_SIZE = (84, 224) if GPU else (2, 64)
+ALIGN_SHAPE = GPU_ALIGN_SHAPE if GPU else dict(B=32, N=196, D=192, C=128)
+RESNET50_BATCH, RESNET50_SIZE = (GPU_RESNET50_BATCH, GPU_RESNET50_SIZE) if GPU else (2, 64)
 
 
 @functools.cache
@@ -48,21 +52,6 @@ def _bn_fn(variant):
     if variant in ("triton", "native"):
         return lambda xs, rms, rvs: ops.bn_stat_losses(xs, rms, rvs, backend=variant).sum()
     raise ValueError(variant)
-
-
-def resnet50_bn_shapes(batch: int, size: int) -> list[tuple[int, ...]]:
-    """Input shapes of every BatchNorm2d of timm's resnet50 (found on the meta device)."""
-    import timm
-
-    with torch.device("meta"):
-        model = timm.create_model("resnet50")
-        shapes = []
-        hooks = [m.register_forward_pre_hook(lambda m, a: shapes.append(tuple(a[0].shape)))
-                 for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-        model(torch.empty(batch, 3, size, size))
-    for h in hooks:
-        h.remove()
-    return shapes
 
 
 def bn_case(variant: str, shapes: list[tuple[int, ...]], dtype=BF16, channels_last: bool = False):

@@ -118,18 +118,17 @@ def feature_align_loss(tokens: Tensor, weight: Tensor, bias: Tensor | None, targ
     Under autocast, tokens, weight and bias are cast to the autocast dtype first (target as given)."""
     reference.check_align_shapes(tokens, weight, bias, target)
     chosen = resolve_backend(backend, tokens)
-    if chosen == "native":
-        # the native op runs its products in the weight's dtype and rounds each token tile to it as it stages
-        # the tile: the same numbers as casting the tokens first, without a whole-tensor copy (and its backward)
-        from .kernels import native_ops
-
+    if chosen in ("native", "triton"):
+        # both fused ops run their products in the weight's dtype and round each token tile to it as they load it:
+        # the same numbers as casting the tokens first, without a whole-tensor copy (and its backward); both take
+        # a ViT's whole sequence for its patch-token slice and write the gradient in the sequence's shape
         weight, bias = _autocast_operands(weight, bias)
-        return native_ops.feature_align_loss(_with_prefix(tokens), weight, bias, target)
+        if chosen == "native":
+            from .kernels import native_ops as fused
+        else:
+            from .kernels import feature_align as fused
+        return fused.feature_align_loss(_with_prefix(tokens), weight, bias, target)
     tokens, weight, bias = _autocast_operands(tokens, weight, bias)
-    if chosen == "triton":
-        from .kernels import feature_align
-
-        return feature_align.feature_align_loss(tokens, weight, bias, target)
     return reference.feature_align_loss(tokens, weight, bias, target)
 
 

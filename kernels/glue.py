@@ -18,7 +18,7 @@ from typing import List
 import torch
 from torch import Tensor
 
-__all__ = ["register_bn", "register_align", "bn_stat_losses", "layer_metadata"]
+__all__ = ["register_bn", "register_align", "register_align_fused", "bn_stat_losses", "layer_metadata"]
 
 
 def _layer_of_channel(xs: List[Tensor], device: torch.device) -> Tensor:
@@ -76,6 +76,12 @@ def _align_bwd_fake(grad, tokens, weight, bias, target):
             weight.new_empty((C,), dtype=bias.dtype if bias is not None else weight.dtype))
 
 
+def _align_fused_fake(tokens, weight, bias, target):
+    C, D = weight.shape
+    return (tokens.new_empty((), dtype=torch.float32), torch.empty_like(tokens, memory_format=torch.contiguous_format),
+            weight.new_empty((C, D), dtype=torch.float32), weight.new_empty((C,), dtype=torch.float32))
+
+
 # ---- autograd
 def _moments_setup(ctx, inputs, output):
     (xs,) = inputs
@@ -114,3 +120,28 @@ def register_align(ns: str) -> None:
     torch.library.register_fake(f"{ns}::feature_align_loss", _align_fake)
     torch.library.register_fake(f"{ns}::feature_align_loss_backward", _align_bwd_fake)
     torch.library.register_autograd(f"{ns}::feature_align_loss", backward, setup_context=_align_setup)
+
+
+def _align_fused_setup(ctx, inputs, output):
+    tokens, weight, bias, target = inputs
+    _, dt, dw, db = output
+    ctx.has_bias = bias is not None
+    ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
+    ctx.mark_non_differentiable(dt, dw, db)
+    ctx.save_for_backward(dt, dw, db)
+
+
+def register_align_fused(ns: str) -> None:
+    """Fake shapes of ns::feature_align_loss (the loss alone) and ns::feature_align_loss_and_grads (the loss and
+    its gradients at unit upstream gradient, from one pass), and autograd of the second: the backward scales
+    the saved gradients by the upstream gradient (dW and db in fp32, then cast to the parameters' dtypes)."""
+
+    def backward(ctx, grad, *_):
+        dt, dw, db = ctx.saved_tensors
+        g = grad.float()
+        w_dtype, b_dtype = ctx.dtypes
+        return dt * g, (dw * g).to(w_dtype), ((db * g).to(b_dtype) if ctx.has_bias else None), None
+
+    torch.library.register_fake(f"{ns}::feature_align_loss", _align_fake)
+    torch.library.register_fake(f"{ns}::feature_align_loss_and_grads", _align_fused_fake)
+    torch.library.register_autograd(f"{ns}::feature_align_loss_and_grads", backward, setup_context=_align_fused_setup)

@@ -86,3 +86,21 @@ def test_dearkd_loss_goes_through_ops(monkeypatch):
     x = torch.randn(2, 3, 32, 32)
     crit(x, student(x), torch.tensor([0, 1]))
     assert calls == [{"backend": "torch"}] * 2
+
+
+def test_kernel_configs_come_from_the_committed_table_else_the_heuristic():
+    """Block sizes, warps and stages: the table's entry for (op, dtype, shape class, arch), an override (how the
+    GPU sweep times candidates) above it, and the op's heuristic for a key the table lacks."""
+    from dearkd_fast.kernels import grid
+
+    table = grid.config_table()
+    key = grid.config_key("bn_stat", torch.bfloat16, "rows", "sm_90")
+    assert key in table and any(k.startswith("feature_align|bfloat16|") for k in table)
+    want = {k: v for k, v in table[key].items() if not k.startswith("_")}
+    assert grid.pick_config("bn_stat", torch.bfloat16, "rows", "sm_90", lambda: {"x": 1}) == want
+    assert grid.pick_config("bn_stat", torch.bfloat16, "rows", "sm_999", lambda: {"x": 1}) == {"x": 1}
+    grid.OVERRIDES[key] = {"BLOCK_R": 8, "BLOCK_C": 16, "num_warps": 2, "num_stages": 1}
+    try:
+        assert grid.pick_config("bn_stat", torch.bfloat16, "rows", "sm_90", dict)["BLOCK_R"] == 8
+    finally:
+        grid.OVERRIDES.pop(key)
