@@ -59,38 +59,57 @@ class BasicBlock(nn.Module):
         return torch.relu(self.drop_path(self.bn2(self.conv2(out))) + self.shortcut(x))
 
 
-class CifarResNet(nn.Module):
-    """ResNet for 32 px inputs: 3x3 stem, stages layer1..layer3 at strides 1, 2, 2; timm's model API."""
+class PoolTransition(nn.Sequential):
+    """conv 3x3 -> BN -> ReLU -> 2x2 max-pool: a stage's entry in the pooled (ResNet-9 style) layout."""
 
-    def __init__(self, blocks_per_stage: int = 3, widths: Tuple[int, int, int] = (16, 32, 64), num_classes: int = 10,
-                 in_chans: int = 3, global_pool: str = "avg", drop_rate: float = 0.0, drop_path_rate: float = 0.0,
+    def __init__(self, cin: int, cout: int):
+        super().__init__(nn.Conv2d(cin, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+                         nn.MaxPool2d(2))
+
+
+class CifarResNet(nn.Module):
+    """ResNet for 32 px inputs, timm's model API: 3x3 stem, stages layer1..layer3. downsample "stride": He et
+    al.'s CIFAR ResNet (stages at strides 1, 2, 2, each of BasicBlocks); "pool": the fast-training layout of
+    ResNet-9 (each stage a conv + max-pool transition, then its BasicBlocks; strides 2, 4, 8)."""
+
+    def __init__(self, blocks_per_stage: Union[int, Tuple[int, int, int]] = 3, widths: Tuple[int, int, int] = (16, 32, 64),
+                 num_classes: int = 10, in_chans: int = 3, global_pool: str = "avg", drop_rate: float = 0.0,
+                 drop_path_rate: float = 0.0, downsample: str = "stride", stem_width: Optional[int] = None,
                  device=None, dtype=None):
         super().__init__()
         _check_pool(global_pool)
+        if downsample not in ("stride", "pool"):
+            raise InputError(f"CifarResNet downsample is 'stride' or 'pool', got '{downsample}'")
+        blocks = (blocks_per_stage,) * 3 if isinstance(blocks_per_stage, int) else tuple(blocks_per_stage)
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.global_pool = global_pool
         self.drop_rate = drop_rate
         self.grad_checkpointing = False
-        dpr = torch.linspace(0, drop_path_rate, 3 * blocks_per_stage, device="cpu").tolist()
+        dpr = torch.linspace(0, drop_path_rate, max(1, sum(blocks)), device="cpu").tolist()
+        stem = stem_width or widths[0]
         with torch.device(device) if device is not None else contextlib.nullcontext():
-            self.conv1 = nn.Conv2d(in_chans, widths[0], 3, 1, 1, bias=False)
-            self.bn1 = nn.BatchNorm2d(widths[0])
+            self.conv1 = nn.Conv2d(in_chans, stem, 3, 1, 1, bias=False)
+            self.bn1 = nn.BatchNorm2d(stem)
             self.act1 = nn.ReLU(inplace=True)
-            cin, stages = widths[0], []
-            for i, w in enumerate(widths):
-                stage = [BasicBlock(cin if j == 0 else w, w, (1 if i == 0 else 2) if j == 0 else 1,
-                                    dpr[i * blocks_per_stage + j]) for j in range(blocks_per_stage)]
+            cin, stages, k = stem, [], 0
+            for i, (w, n) in enumerate(zip(widths, blocks)):
+                if downsample == "pool":
+                    stage = [PoolTransition(cin, w)] + [BasicBlock(w, w, 1, dpr[k + j]) for j in range(n)]
+                else:
+                    stage = [BasicBlock(cin if j == 0 else w, w, (1 if i == 0 else 2) if j == 0 else 1, dpr[k + j])
+                             for j in range(n)]
                 stages.append(nn.Sequential(*stage))
-                cin = w
+                cin, k = w, k + n
             self.layer1, self.layer2, self.layer3 = stages
             self.num_features = self.head_hidden_size = widths[-1]
             self.fc = nn.Linear(widths[-1], num_classes) if num_classes > 0 else nn.Identity()
+        red = (2, 4, 8) if downsample == "pool" else (1, 2, 4)
         self.feature_info = [
-            dict(num_chs=widths[0], reduction=1, module="act1"),
-            dict(num_chs=widths[0], reduction=1, module="layer1"),
-            dict(num_chs=widths[1], reduction=2, module="layer2"),
-            dict(num_chs=widths[2], reduction=4, module="layer3"),
+            dict(num_chs=stem, reduction=1, module="act1"),
+            dict(num_chs=widths[0], reduction=red[0], module="layer1"),
+            dict(num_chs=widths[1], reduction=red[1], module="layer2"),
+            dict(num_chs=widths[2], reduction=red[2], module="layer3"),
         ]
         for m in self.modules():
             if isinstance(m, nn.Conv2d) and m.weight.device.type != "meta":
@@ -169,14 +188,25 @@ default_cfgs = generate_default_cfgs({
            "interpolation": "bilinear", "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "first_conv": "conv1",
            "classifier": "fc", "license": "apache-2.0"}
     for name in ("cifar_resnet8", "cifar_resnet20", "cifar_resnet56")
+} | {
+    "cifar_resnet9": {"num_classes": 10, "input_size": (3, 32, 32), "pool_size": (4, 4), "crop_pct": 1.0,
+                      "interpolation": "bilinear", "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "first_conv": "conv1",
+                      "classifier": "fc", "license": "apache-2.0"},
 })
 
 
-def _cifar(variant: str, blocks: int, widths: Tuple[int, int, int], pretrained: bool, kwargs: dict) -> CifarResNet:
+def _cifar(variant: str, blocks, widths: Tuple[int, int, int], pretrained: bool, kwargs: dict) -> CifarResNet:
     if pretrained:
         raise InputError("cifar_resnet: no pretrained weights exist; train the teacher (--teacher-epochs)")
     return build_model_with_cfg(CifarResNet, variant, pretrained, feature_cfg=dict(out_indices=(0, 1, 2, 3)),
                                 blocks_per_stage=blocks, widths=widths, **kwargs)
+
+
+@register_model
+def cifar_resnet9(pretrained: bool = False, **kwargs) -> CifarResNet:
+    """ResNet-9 at half width (the fast CIFAR-10 training layout): stem 32, stages 64/128/256 each entered by a
+    conv + max-pool, one residual block in the first and last stage; the study's strong teacher."""
+    return _cifar("cifar_resnet9", (1, 0, 1), (64, 128, 256), pretrained, dict(dict(downsample="pool", stem_width=32), **kwargs))
 
 
 @register_model
