@@ -56,3 +56,59 @@ def test_cifar10(benchmark, backend, mode):
     train_dir, test_dir = cifar10()
     loader, n = data_loader(train_dir, test_dir, backend, 32, mode == "train", fraction=0.04)
     _run(benchmark, loader, n)
+
+
+def _small_loader(backend: str, train: bool):
+    """CIFAR-10 at 32 px as training reads it (pad-and-crop + flip): the torchvision DataLoader or the resident
+    loader, the same threads (torch's intra-op threads for the resident loader's batched tensor ops)."""
+    from dearkd_fast.testing import folder_data
+
+    train_dir, test_dir = cifar10()
+    torch.set_num_threads(THREADS)
+    data = folder_data(train_dir, backend, val_source=test_dir, size=32, batch_size=128, workers=THREADS, device=DEVICE,
+                       hflip=0.5, fraction=0.2)
+    return (data.train, data.num_train) if train else (data.val, data.num_val)
+
+
+@pytest.mark.parametrize("backend", ["torch", "resident"])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.benchmark(group="CIFAR-10 -> 32 px, pad-and-crop + flip (train: 10,000-image slice; eval: 10,000 test images)")
+def test_cifar10_resident(benchmark, backend, mode):
+    loader, n = _small_loader(backend, mode == "train")
+    _run(benchmark, loader, n)
+
+
+@pytest.mark.parametrize("backend", ["torch", "resident"])
+@pytest.mark.benchmark(group="CIFAR-10 training step: share of the time spent waiting for the next batch")
+def test_step_waits_for_data(benchmark, backend):
+    """bf16 training steps of dearkd_nano_patch4_32 fed by each loader: extra_info holds the share of wall time
+    spent in the loader's next() (goal for the resident loader: < 5 %)."""
+    import time
+
+    import timm
+
+    import dearkd_fast  # noqa: F401 - registers the students
+
+    loader, _ = _small_loader(backend, True)
+    model = timm.create_model("dearkd_nano_patch4_32", num_classes=10).to(DEVICE)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    def epoch(steps=20):
+        wait = 0.0
+        it = iter(loader)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            a = time.perf_counter()
+            x, y = next(it)
+            wait += time.perf_counter() - a
+            with torch.autocast(DEVICE, dtype=torch.bfloat16):
+                loss = torch.nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return wait / (time.perf_counter() - t0)
+
+    epoch(3)  # warm-up
+    shares = []
+    benchmark.pedantic(lambda: shares.append(epoch()), rounds=3, iterations=1)
+    benchmark.extra_info.update(wait_share=round(sorted(shares)[1], 4), threads=THREADS, device=DEVICE)

@@ -239,7 +239,12 @@ class DataConfig:
                                "every seed)", group="data")
     allow_empty_classes: bool = flag(False, "report empty class folders instead of failing", group="data")
     workers: int = flag(min(4, os.cpu_count() or 1), "data loading workers/threads", group="data", shown="min(4, cores)")
-    dali: bool = flag(False, "decode and augment with NVIDIA DALI (GPU when --device is CUDA)", group="data")
+    loader_choice: str = flag("auto", "input pipeline: resident (decoded once, held and augmented on the training device; "
+                              "small images), torch (torchvision DataLoader), dali, or auto (resident for the built-in "
+                              "sets, else torch)", group="data", name="--loader", choices=("auto", "resident", "torch", "dali"))
+    resident_max_gb: float = flag(4.0, "largest decoded size (GiB) the resident loader holds", group="data")
+    dali: bool = flag(False, "decode and augment with NVIDIA DALI (GPU when --device is CUDA); same as --loader dali",
+                      group="data")
     hflip: float | None = flag(None, "horizontal flip probability (default: the built-in set's, 0 on digits; else 0.5)",
                                group="data")
     randaug: str | None = flag(None, "timm RandAugment string, e.g. rand-m9-mstd0.5 (DALI: rand-mM-nN only)", group="data")
@@ -253,6 +258,11 @@ class DataConfig:
         _check(self.workers >= 0, f"--workers must be >= 0, got {self.workers}")
         _finite("--hflip", self.hflip, low=0.0, high=1.0)
         _check(0.0 <= self.holdout < 1.0, f"holdout must be in [0, 1), got {self.holdout}")
+        _finite("--resident-max-gb", self.resident_max_gb, low=0.0, low_open=True)
+        _check(not (self.dali and self.loader_choice not in ("auto", "dali")),
+               f"--dali and --loader {self.loader_choice} disagree; give one of them")
+        _check(not (self.randaug and self.loader_choice == "resident"),
+               "--randaug needs --loader torch or dali (the resident loader augments with pad-and-crop and flips only)")
         if self.randaug:  # read now (not at the first batch); the same reading for both loaders
             from .data.augment import RandAugmentSpec
 
@@ -262,8 +272,12 @@ class DataConfig:
 
     @property
     def loader(self) -> str:
-        """The input pipeline: 'dali' or 'torch' (torchvision DataLoader)."""
-        return "dali" if self.dali else "torch"
+        """The input pipeline asked for: 'dali', 'torch', 'resident' or 'auto' (build_data resolves it)."""
+        return "dali" if self.dali else self.loader_choice
+
+    @property
+    def uses_dali(self) -> bool:
+        return self.loader == "dali"
 
 
 def stage_switch(epochs: int, stage1_epochs: int | None) -> int:
@@ -323,9 +337,9 @@ class TrainConfig:
         _check(self.checkpoint_every >= 0, f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
         _check(self.keep_checkpoints >= 1, f"--keep-checkpoints must be >= 1, got {self.keep_checkpoints}")
         _check(self.max_bad_steps >= 0, f"--max-bad-steps must be >= 0, got {self.max_bad_steps}")
-        _check(not (self.checkpoint_every and self.data.dali), "--checkpoint-every needs the torchvision loader: DALI "
+        _check(not (self.checkpoint_every and self.data.uses_dali), "--checkpoint-every needs the torchvision loader: DALI "
                "cannot restart mid-epoch (drop --dali, or checkpoint at epoch ends only)")
-        _check(not (self.deterministic and self.data.dali), "--deterministic needs the torchvision loader (drop --dali)")
+        _check(not (self.deterministic and self.data.uses_dali), "--deterministic needs the torchvision loader (drop --dali)")
         _check(self.epochs >= 0, f"--epochs must be >= 0, got {self.epochs}")
         e1 = self.switch_epoch
         _check(0 <= e1 <= self.epochs, f"--stage1-epochs must be in [0, --epochs={self.epochs}], got {e1}")

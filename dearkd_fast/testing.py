@@ -77,6 +77,7 @@ def folder_data(source: str, loader: str = "torch", *, val_source: str | None = 
     """build_data of one folder (or built-in set) with the test-friendly defaults (no progress bars)."""
     from .data import DataConfig, InputSpec, build_data
 
-    cfg = DataConfig(source=source, val_source=val_source, dali=loader == "dali", workers=workers, **data_fields)
+    cfg = DataConfig(source=source, val_source=val_source, dali=loader == "dali", workers=workers,
+                     loader_choice=loader if loader != "dali" else "auto", **data_fields)
     return build_data(cfg, InputSpec(size=size, crop_pct=crop_pct), batch_size=batch_size, seed=seed, device=device,
                       progress=False, rank=rank, world_size=world_size)

@@ -26,7 +26,7 @@ def test_parser_defaults_are_the_config_defaults(cls):
 def test_configs_are_frozen_and_derive_without_writing_back():
     cfg = from_argv(TrainConfig, ["--epochs", "7", "--amp", "--data", "d", "--data-fraction", "0.5"], "p")
     assert (cfg.switch_epoch, cfg.stage1_epochs) == (5, None)  # 2/3 of 7 rounded up; the flag stays unset
-    assert cfg.run.amp and cfg.data.source == "d" and cfg.data.fraction == 0.5 and cfg.data.loader == "torch"
+    assert cfg.run.amp and cfg.data.source == "d" and cfg.data.fraction == 0.5 and cfg.data.loader == "auto"
     assert cfg.output.startswith("runs" + os.sep)  # a default computed when the config is made
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.epochs = 3

@@ -11,7 +11,7 @@ import torch
 
 from ..config import IMAGENET_MEAN, IMAGENET_STD, DataConfig, preset_for
 from ..errors import DataError
-from .folder import balanced_subset, holdout_split, resolve_data, scan_image_folder
+from .folder import balanced_subset, builtin_name, holdout_split, resolve_data, scan_image_folder
 from .torchvision import build_torch_loader, eval_transform, train_transform
 
 __all__ = ["DataConfig", "DataBundle", "DataError", "InputSpec", "build_data", "DeviceLoader"]
@@ -124,22 +124,40 @@ def _check_sizes(source, train: list, val: list, batch_size: int) -> None:
                         f"--batch-size {batch_size}; lower --batch-size")
 
 
+def resolve_loader(cfg: DataConfig, builtin: bool, pad_crop: bool) -> str:
+    """The input pipeline: cfg.loader, with 'auto' the resident loader for a built-in set at a pad-and-crop size
+    without RandAugment, else torchvision's; DataError where the resident loader cannot serve the size."""
+    if cfg.loader == "resident" and not pad_crop:
+        raise DataError("--loader resident augments small images (pad-and-crop sizes); use --loader torch or dali here")
+    if cfg.loader != "auto":
+        return cfg.loader
+    return "resident" if builtin and pad_crop and not cfg.randaug else "torch"
+
+
 def build_data(cfg: DataConfig, inputs: InputSpec, *, batch_size: int, seed: int = 0, device: str | torch.device = "cpu",
                amp: bool = False, progress: bool = True, rank: int = 0, world_size: int = 1) -> DataBundle:
     """Scan, validate, subset, and build both loaders (cfg.loader) for a network expecting `inputs`."""
     source, train_samples, val_samples, scan, skipped = _file_lists(cfg, seed, progress)
-    if cfg.loader == "dali":  # DALI's reader takes UTF-8 names only: others are skipped and counted
+    hflip = cfg.hflip if cfg.hflip is not None else source.hflip
+    pad_crop = cfg.pad_crop if cfg.pad_crop is not None else preset_for(inputs.size).pad_crop
+    loader = resolve_loader(cfg, builtin_name(cfg.source) is not None, pad_crop)
+    if loader == "dali":  # DALI's reader takes UTF-8 names only: others are skipped and counted
         bad = [p for p, _ in train_samples + val_samples if not _utf8(p)]
         drop = set(bad)
         train_samples = [s for s in train_samples if s[0] not in drop]
         val_samples = [s for s in val_samples if s[0] not in drop]
         skipped = sorted(skipped + bad)
     _check_sizes(source, train_samples, val_samples, batch_size)
-    hflip = cfg.hflip if cfg.hflip is not None else source.hflip
-    pad_crop = cfg.pad_crop if cfg.pad_crop is not None else preset_for(inputs.size).pad_crop
     device = torch.device(device)
     ebs = cfg.eval_batch_size or batch_size * 2
-    if cfg.loader == "dali":
+    if loader == "resident":
+        from .resident import build_resident_loader
+
+        common = dict(inputs=inputs, seed=seed, pad_crop=pad_crop, hflip=hflip, rank=rank, world_size=world_size,
+                      device=device, progress=progress, max_bytes=int(cfg.resident_max_gb * 2**30))
+        train = build_resident_loader(train_samples, batch_size=batch_size, train=True, **common)
+        val = build_resident_loader(val_samples, batch_size=ebs, train=False, **common)
+    elif loader == "dali":
         from .dali import build_dali_loader
 
         common = dict(inputs=inputs, device=device, workers=cfg.workers, seed=seed, rank=rank, world_size=world_size,
