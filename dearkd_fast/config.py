@@ -303,6 +303,7 @@ class TrainConfig:
     teacher_epochs: int = flag(10, "epochs to train the teacher when no --teacher-ckpt", group="models")
     teacher_lr: float = flag(2e-3, "AdamW learning rate of the teacher", group="models")
     teacher_weight_decay: float = flag(5e-4, "AdamW weight decay of the teacher", group="models")
+    teacher_smoothing: float = flag(0.0, "label smoothing of the teacher's cross-entropy", group="models")
     teacher_taps: str | None = flag(None, "comma-separated teacher modules to align to (default: first two stages)",
                                     group="models")
     epochs: int = flag(20, "E: total student epochs (0: train or load the teacher, evaluate it, write teacher.pt "
@@ -351,6 +352,7 @@ class TrainConfig:
         _finite("--tau", self.tau, low=0.0, low_open=True)
         _finite("--weight-decay", self.weight_decay, low=0.0)
         _finite("--teacher-weight-decay", self.teacher_weight_decay, low=0.0)
+        _finite("--teacher-smoothing", self.teacher_smoothing, low=0.0, high=0.99)
         _finite("--min-lr-ratio", self.min_lr_ratio, low=0.0, high=1.0)
         _finite("--max-norm", self.max_norm, low=0.0, low_open=True)
         _finite("--mixup", self.mixup, low=0.0)

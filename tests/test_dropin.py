@@ -14,7 +14,8 @@ from dearkd_fast.models.student import DearKDViT, load_student
 from dearkd_fast.models.teacher import CifarResNet, load_teacher
 from dearkd_fast.testing import make_teacher
 
-SMALL = ["dearkd_micro_patch4_32", "dearkd_nano_patch4_32", "dearkd_tiny_patch4_32", "cifar_resnet8", "cifar_resnet9", "cifar_resnet20"]
+SMALL = ["dearkd_micro_patch4_32", "dearkd_nano_patch4_32", "dearkd_tiny_patch4_32", "cifar_resnet8", "cifar_resnet9",
+         "cifar_resnet20"]
 LARGE = ["dearkd_tiny_patch16_224", "dearkd_small_patch16_224", "dearkd_base_patch16_224", "cifar_resnet56"]
 
 
