@@ -25,25 +25,41 @@ __all__ = ["run_cli", "OutputFolder", "MANIFEST"]
 
 MANIFEST = "run.json"
 MANIFEST_FORMAT = "dearkd_fast.run/1"
-LOCK = ".dearkd.lock"  # held (flock) by the live run writing into a folder; the OS releases it when that run dies
+LOCK = ".dearkd.lock"  # POSIX-locked by the live run writing into a folder; the lock dies with that process
 _held_locks: list[tuple[int, str]] = []
 
 
+def _alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
+
+
 def claim(root: str) -> None:
-    """Hold the folder's lock for the rest of this run; InputError when a live run holds it. A run that
-    crashed or was killed holds nothing (the kernel drops its lock), so no lock is ever stale; a run that
-    ends removes the lock file, so a folder is left as the run found it (plus what it wrote)."""
+    """Hold the folder's lock for the rest of this run; InputError when a live run holds it.
+
+    The lock is a POSIX record lock (fcntl F_SETLK), owned by this process alone: forked children (loader
+    workers, DALI and compile helpers) do not inherit it, and the kernel drops it the moment this process dies,
+    so a run restarted right after a SIGKILL is accepted and no lock is ever stale. A run that ends removes the
+    lock file, so a folder is left as the run found it (plus what it wrote)."""
     import fcntl
 
     path = os.path.join(root, LOCK)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
         os.close(fd)
-        raise InputError(f"output folder '{root}' is in use by a running job (pid {holder}); wait for it or choose "
-                         "another --output") from None
+        if _alive(holder):
+            raise InputError(f"output folder '{root}' is in use by a running job (pid {holder}); wait for it or "
+                             "choose another --output") from None
+        raise InputError(f"output folder '{root}' is locked, but the run that took it (pid {holder}) is dead: another "
+                         f"process holds {path} (see `fuser {path}`); stop it, or choose another --output") from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, str(os.getpid()).encode(), 0)
     _held_locks.append((fd, path))
