@@ -243,7 +243,8 @@ def test_restart_at_once_after_sigkill_with_loader_workers(tmp_path, teacher_pt)
     # worker busy decoding does (the workers themselves usually notice their parent's death within a second)
     argv = FLAGS + ["--output", str(tmp_path / "killed"), *t]
     linger = CHILD.replace("        os.kill(os.getpid(), sig)",
-                           "        if os.fork() == 0:\n            import time; os.close(1); os.close(2); time.sleep(30); os._exit(0)\n"
+                           "        if os.fork() == 0:\n"
+                           "            import time; os.close(1); os.close(2); time.sleep(30); os._exit(0)\n"
                            "        os.kill(os.getpid(), sig)")
     killed = subprocess.run([sys.executable, "-c", linger, "SIGKILL", "8", *argv], capture_output=True, text=True,
                             timeout=300)
