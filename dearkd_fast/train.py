@@ -71,6 +71,20 @@ class Student:
 # ---------------------------------------------------------------------------------------------- steps
 
 
+def check_teacher_input(teacher: str, student: str) -> None:
+    """InputError unless the teacher takes the images the student is fed (a ViT teacher's fixed input size on
+    32 px data fails at the first batch otherwise): one forward on the meta device, no memory, no weights."""
+    size = timm.models.get_pretrained_cfg(student).input_size[-1]
+    with torch.device("meta"):
+        tmodel = create_teacher_model(teacher, 2)
+        try:
+            tmodel.eval()(torch.empty(1, 3, size, size))
+        except (AssertionError, RuntimeError, ValueError) as e:
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise InputError(f"--teacher {teacher} does not take the {size} px images of --model {student} ({why}); "
+                             "choose a teacher for that size") from None
+
+
 def check_inputs(cfg: TrainConfig) -> tuple[OutputFolder, dict | None]:
     """Everything that can be refused before any work: unknown or unfit models, missing files, an
     impossible backend, the output folder, and on --resume a change of flags. Returns the claimed
@@ -82,6 +96,7 @@ def check_inputs(cfg: TrainConfig) -> tuple[OutputFolder, dict | None]:
                          + ", ".join(timm.list_models("dearkd_*")))
     if cfg.needs_teacher and cfg.teacher_ckpt is None:
         check_teacher_arch(cfg.teacher)
+        check_teacher_input(cfg.teacher, cfg.model)
         if cfg.teacher_taps:
             with torch.device("meta"):  # shapes only, no memory
                 tmodel = create_teacher_model(cfg.teacher, 2)

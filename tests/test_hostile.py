@@ -211,6 +211,37 @@ def test_scan_links_fifos_and_loops(tmp_path):
     assert {os.path.basename(p) for p in scan.skipped} >= {"loop", "up", "b0.jpg", "out.jpg", "dangling.jpg", "fifo.jpg"}
 
 
+def test_a_link_to_itself_is_skipped_and_counted(tmp_path, capsys):
+    """A class folder holding a symlink to itself, and a class entry that is one (ELOOP): passed over and
+    counted, and the trainer runs (exit 0), never a traceback."""
+    root = write_image_folder(tmp_path / "d", {"a": 3, "b": 3})
+    os.symlink("self", os.path.join(root, "a", "self"))
+    os.symlink("selfclass", os.path.join(root, "selfclass"))
+    scan = scan_image_folder(root, progress=False)
+    assert scan.classes == ["a", "b"] and len(scan.samples) == 6
+    assert "self" in {os.path.basename(p) for p in scan.skipped}
+    out = tmp_path / "o"
+    assert train.main(["--data", root, "--val-data", root, "--batch-size", "2", "--epochs", "1", "--teacher-epochs", "1",
+                       "--workers", "0", "--no-progress", "--output", str(out)]) == 0, capsys.readouterr().err
+    assert json.loads((out / "summary.json").read_text())["skipped_files"] >= 1
+
+
+def test_a_teacher_of_another_input_size_is_refused_before_any_work(tmp_path, capsys):
+    err = expect(capsys, train, QUICK + ["--teacher", "vit_tiny_patch16_224", "--output", str(tmp_path / "o")], 2,
+                 "does not take the 32 px images")
+    assert "vit_tiny_patch16_224" in err and not (tmp_path / "o").exists()
+
+
+def test_a_teacher_checkpoint_with_too_few_class_names(tmp_path, capsys, finished):
+    ck = torch.load(finished / "teacher.pt", weights_only=True)
+    ck["spec"]["class_names"] = ck["spec"]["class_names"][:-1]
+    bad = tmp_path / "short.pt"
+    torch.save(ck, bad)
+    expect(capsys, invert, ["--teacher-ckpt", str(bad), "--iterations", "1", "--output", str(tmp_path / "o"),
+                            "--no-progress"], 2, "9 class names for its 10 classes")
+    expect(capsys, train, QUICK + ["--teacher-ckpt", str(bad), "--output", str(tmp_path / "t")], 2, "class names")
+
+
 def test_one_image_per_class_and_tiny_fraction(tmp_path, capsys):
     root = write_image_folder(tmp_path / "d", {"a": 1, "b": 1})
     expect(capsys, train, ["--data", root, "--output", str(tmp_path / "o"), "--no-progress", "--workers", "0"], 2,

@@ -130,11 +130,19 @@ def scan_image_folder(
     return FolderScan(root=root, classes=list(classes), samples=samples, skipped=skipped, empty_classes=empty)
 
 
+def _is_dir(entry: os.DirEntry) -> bool:
+    """A folder, following links; False for a link that cannot be resolved (a link to itself: ELOOP)."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
 def _class_names(root: str, classes: list[str] | None) -> list[str]:
     """The class folders of root (sorted), or `classes` after checking root has no others."""
     if not os.path.isdir(root):
         raise DataError(f"data folder '{root}' does not exist")
-    found = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    found = sorted(e.name for e in os.scandir(root) if _is_dir(e) and not e.name.startswith("."))
     if not found:
         raise DataError(f"data folder '{root}' has no class folders (expected root/<class>/<image>)")
     if classes is None:
@@ -162,8 +170,10 @@ def _list_images(root: str, classes: list[str]) -> tuple[list[tuple[str, int]], 
             return
         seen_dirs.add(real)
         for entry in sorted(os.scandir(folder), key=lambda e: e.name):
-            if entry.is_dir(follow_symlinks=True):
+            if _is_dir(entry):
                 visit(entry.path, idx, home)
+            elif os.path.islink(entry.path) and not os.path.exists(entry.path):
+                passed.append(entry.path)  # a link to itself (ELOOP) or a dangling one: passed over and counted
             elif entry.name.lower().endswith(IMG_EXTENSIONS):
                 target = os.path.realpath(entry.path)
                 if not _regular(entry.path) or not _inside(target, home) or target in seen_files:

@@ -492,6 +492,9 @@ def load_teacher(path: str, num_classes: int | None = None, map_location: str | 
         spec = TeacherSpec(**{**s, "mean": tuple(s["mean"]), "std": tuple(s["std"])})
     except (KeyError, TypeError) as e:
         raise CheckpointError(f"teacher checkpoint '{path}' lacks or mangles a field of its spec ({e})") from None
+    if not isinstance(spec.class_names, list) or len(spec.class_names) != spec.num_classes:
+        n = len(spec.class_names) if isinstance(spec.class_names, list) else "no list of"
+        raise CheckpointError(f"teacher checkpoint '{path}' has {n} class names for its {spec.num_classes} classes")
     if num_classes is not None and spec.num_classes != num_classes:
         raise CheckpointError(f"teacher checkpoint '{path}' has {spec.num_classes} classes but the data has {num_classes}")
     if class_names is not None and spec.class_names != list(class_names):
