@@ -624,6 +624,8 @@ class StudyConfig:
     synthetic_epochs: int | None = _tier_flag("synthetic_epochs", "data-free: student epochs")
     invert_iterations: int | None = _tier_flag("invert_iterations", "data-free: inversion iterations per phase")
     device: str = flag("auto", "auto, cpu, cuda, cuda:N", group="run")
+    deterministic: bool = flag(False, "every trainer run with --deterministic (a study killed and rerun anywhere then "
+                               "ends with the same numbers)", group="run")
     no_progress: bool = flag(False, "no progress bar", group="run")
 
     def __post_init__(self):

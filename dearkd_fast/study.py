@@ -106,7 +106,8 @@ def plan(cfg: StudyConfig, root: str, num_train: int, num_classes: int) -> list[
         """The trainer's argv of a run: its data and models, what every run shares, its own flags, its folder."""
         return head + ["--batch-size", str(batch_size), "--lr", f"{t.lr:g}", "--warmup-epochs", str(t.warmup_epochs),
                        "--val-fraction", f"{t.val_fraction:g}", "--workers", str(t.workers), "--amp",
-                       "--device", cfg.device, "--no-progress", *flags, "--output", os.path.join(runs_dir, name)]
+                       "--device", cfg.device, "--no-progress", *(["--deterministic"] if cfg.deterministic else []),
+                       *flags, "--output", os.path.join(runs_dir, name)]
 
     real = ["--data", cfg.data] + models
     runs = [Run("teacher", "train", trainer(real, t.batch_size, "teacher", "--epochs", "0", "--teacher-epochs",

@@ -132,3 +132,84 @@ def test_bad_study_flags_exit_2(tmp_path, capsys):
     (tmp_path / "busy" / "mine.txt").write_text("keep")
     assert study.main(TINY + ["--output", str(tmp_path / "busy")]) == 2
     assert (tmp_path / "busy" / "mine.txt").read_text() == "keep"
+
+
+# the study in a child process; with KILL_IN_PLOT=1 it SIGKILLs itself while writing the plots
+STUDY_CHILD = """
+import os, signal, sys
+from dearkd_fast import study
+if os.environ.get("KILL_IN_PLOT") == "1":
+    study.plot = lambda root, table: os.kill(os.getpid(), signal.SIGKILL)
+sys.exit(study.main(sys.argv[1:]))
+"""
+
+
+def _phase(root):
+    """What the study is doing now, read from its folder: teacher, student, inversion or None."""
+    runs = os.path.join(root, "runs")
+    if not os.path.isdir(runs):
+        return None
+    for name in sorted(os.listdir(runs)):
+        d = os.path.join(runs, name)
+        if not os.path.isfile(os.path.join(d, "log.txt")):
+            continue
+        if name.startswith("synthetic-"):
+            if not os.path.isfile(os.path.join(d, "images", "meta.json")):
+                return "inversion"
+        elif not os.path.isfile(os.path.join(d, "summary.json")):
+            return "teacher" if name == "teacher" else ("df-student" if name.startswith("df-") else "student")
+    return None
+
+
+def test_a_study_killed_anywhere_and_restarted_at_once_ends_with_the_same_numbers(tmp_path):
+    """SIGKILL inside teacher training, a student run, an inversion, a data-free student and the plots, each time
+    restarted at once with the same command: the same table.json numbers as an uninterrupted study under
+    --deterministic, no torn file, and no run started afresh twice."""
+    import random
+    import subprocess
+    import sys
+    import time
+
+    flags = TINY + ["--deterministic"]
+    whole = str(tmp_path / "whole")
+    assert study.main(flags + ["--output", whole]) == 0
+    root = str(tmp_path / "killed")
+    rng = random.Random(0)
+    argv = [sys.executable, "-c", STUDY_CHILD, *flags, "--output", root]
+    kills = 0
+    for phase in ("teacher", "student", "inversion", "df-student", "plot"):
+        env = {**os.environ, "KILL_IN_PLOT": "1" if phase == "plot" else "0"}
+        p = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if phase != "plot":
+            deadline = time.monotonic() + 240
+            while _phase(root) != phase and p.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert _phase(root) == phase, (phase, p.poll())
+            time.sleep(rng.uniform(0.2, 1.5))  # a random moment inside that phase
+            p.kill()
+        p.wait(timeout=300)
+        assert p.returncode == -9, (phase, p.returncode, p.stderr.read()[-500:])
+        kills += 1
+    assert subprocess.run(argv, env={**os.environ, "KILL_IN_PLOT": "0"}, capture_output=True, timeout=600).returncode == 0
+
+    def numbers(folder):
+        with open(os.path.join(folder, "table.json")) as f:
+            t = json.load(f)
+        rows = sorted((r["method"], r["fraction"] or 0, tuple(r["top1"]), tuple(map(tuple, r["curves"])))
+                      for r in t["rows"])
+        synth = {k: {m: v[m] for m in v if m != "wall_s"} for k, v in t["synthetic"].items()}
+        return t["teacher"]["top1"], rows, synth
+
+    assert numbers(root) == numbers(whole)
+    for name in ("table.md", "table.json", "accuracy_vs_fraction.png", "val_curves.png"):
+        assert os.path.getsize(os.path.join(root, name)) > 0
+    fresh_starts = continuations = 0
+    for name in os.listdir(os.path.join(root, "runs")):
+        with open(os.path.join(root, "runs", name, "command.txt")) as f:
+            lines = [ln for ln in f if ln.strip()]
+        starts = [ln for ln in lines if "--resume" not in ln and "--overwrite" not in ln]
+        assert len(starts) == 1, (name, lines)  # every run started once; later lines continue it
+        fresh_starts += 1
+        continuations += len(lines) - 1
+    assert fresh_starts == len(os.listdir(os.path.join(whole, "runs"))) and continuations <= kills
+    assert not [f for d, _, fs in os.walk(root) for f in fs if ".tmp-" in f]
