@@ -316,6 +316,70 @@ def test_disk_full_is_one_line_naming_the_path(tmp_path, capsys, monkeypatch, fi
     assert not [f for f in os.listdir(out) if f.startswith(".tmp-")]
 
 
+def _read_only_cache(monkeypatch, cache):
+    """Every write under `cache` fails with EROFS (root ignores file modes, so the test refuses them itself)."""
+    import tempfile
+
+    def guard(fn):
+        def wrapped(*a, **k):
+            path = str(k.get("dir") or (a[0] if a else ""))
+            if os.path.abspath(path).startswith(str(cache)):
+                raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)
+            return fn(*a, **k)
+        return wrapped
+
+    for mod, name in ((os, "makedirs"), (tempfile, "mkstemp"), (tempfile, "mkdtemp")):
+        monkeypatch.setattr(mod, name, guard(getattr(mod, name)))
+
+
+def test_a_read_only_cache_is_one_line_or_costs_only_a_rebuild(tmp_path, capsys, monkeypatch):
+    """A built-in set that must be written into a read-only cache: one line naming the cache, exit 2. A folder of
+    the user's with a read-only cache: the run goes on (the resident loader decodes from memory and says so once)."""
+    root = write_image_folder(tmp_path / "d", {"a": 4, "b": 4})
+    cache = tmp_path / "ro-cache"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    _read_only_cache(monkeypatch, cache)
+    err = expect(capsys, train, QUICK + ["--output", str(tmp_path / "o")], 2, "cannot write the digits cache")
+    assert str(cache) in err
+    out = tmp_path / "mine"
+    assert train.main(["--data", root, "--val-data", root, "--loader", "resident", "--batch-size", "2", "--epochs", "1",
+                       "--teacher-epochs", "1", "--workers", "0", "--no-progress", "--output", str(out)]) == 0
+    assert "cannot write the decoded cache" in capsys.readouterr().out and (out / "summary.json").is_file()
+
+
+@pytest.mark.slow
+def test_a_study_whose_disk_fills_mid_table_keeps_every_finished_run(tmp_path, capsys, monkeypatch):
+    """The disk fills while the study writes its tables: one line naming the file, exit 1; every finished run's
+    summary stays, and the same command afterwards writes the tables without running anything again."""
+    import dearkd_fast.checkpoint as ck
+    from dearkd_fast import study
+    from tests.test_study import TINY
+
+    root = tmp_path / "s"
+    flags = TINY + ["--no-data-free", "--output", str(root)]
+    real_write = study.write_outputs
+
+    def full_disk_then_write(root_, table):  # every run is done; from here on the disk is full
+        def full(fd):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        monkeypatch.setattr(ck.os, "fsync", full)
+        real_write(root_, table)
+
+    monkeypatch.setattr(study, "write_outputs", full_disk_then_write)
+    rc = study.main(flags)
+    err = capsys.readouterr().err
+    assert rc == 1 and err.count("\n") == 1 and "No space left on device" in err and str(root) in err, err
+    monkeypatch.undo()
+    runs = sorted(os.listdir(root / "runs"))
+    finished = [r for r in runs if (root / "runs" / r / "summary.json").is_file()]
+    assert finished == runs and len(runs) == 1 + len(study.METHODS)
+    before = {r: (root / "runs" / r / "summary.json").stat().st_mtime_ns for r in runs}
+    assert study.main(flags) == 0
+    assert {r: (root / "runs" / r / "summary.json").stat().st_mtime_ns for r in runs} == before
+    assert (root / "table.json").is_file()
+
+
 def test_diverged_inversion_writes_no_image(tmp_path, capsys, monkeypatch):
     def nan_batch(crit, targets, s, spec, seed, device, progress, desc):
         return torch.full((len(targets), 3, s.resolution, s.resolution), float("nan")), {"loss": float("nan"), "bn": 1.0}

@@ -6,6 +6,7 @@ in a manifest in the cache folder keyed by (size, mtime), so a second run does n
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -22,7 +23,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..checkpoint import atomic_write_json
-from ..errors import DataError, InputError
+from ..errors import DataError, InputError, RunError
 
 __all__ = [
     "DataError",
@@ -221,7 +222,7 @@ def _decodable(paths: list[str], manifest_path: str, workers: int, progress: boo
         manifest = {p: manifest[p] for p in paths}
         try:
             atomic_write_json(manifest, manifest_path)
-        except OSError:
+        except (OSError, RunError):
             pass  # a read-only cache only costs a re-check next time
     return {p: bool(manifest[p][2]) for p in paths}
 
@@ -279,32 +280,47 @@ def _publish(tmp: str, final: str) -> None:
             raise
 
 
+@contextlib.contextmanager
+def _writing_cache(what: str):
+    """A built-in set written into the cache: a cache folder that cannot be written is one line naming it."""
+    try:
+        yield
+    except OSError as e:
+        raise DataError(f"cannot write the {what} cache in '{cache_root()}' ({e.strerror or e}); set XDG_CACHE_HOME to "
+                        "a writable folder") from None
+
+
 def builtin_digits() -> tuple[str, str]:
     """scikit-learn's 8x8 digits as 32x32 RGB JPEGs (80/20 stratified split, seed 0), written once.
 
     Returns (train_dir, val_dir) inside cache_root()/digits.
     """
     final = os.path.join(cache_root(), "digits")
-    if not _complete(final):
-        import numpy as np
-        from sklearn.datasets import load_digits
-        from sklearn.model_selection import train_test_split
-
-        d = load_digits()
-        idx_train, idx_val = train_test_split(
-            np.arange(len(d.target)), test_size=0.2, stratify=d.target, random_state=0
-        )
-        os.makedirs(cache_root(), exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".digits-", dir=cache_root())
-        for split, idx in (("train", idx_train), ("val", idx_val)):
-            for i in idx:
-                cdir = os.path.join(tmp, split, str(d.target[i]))
-                os.makedirs(cdir, exist_ok=True)
-                arr = (d.images[i] * (255.0 / 16.0)).clip(0, 255).astype("uint8")
-                img = Image.fromarray(arr, mode="L").resize((32, 32), Image.BILINEAR).convert("RGB")
-                img.save(os.path.join(cdir, f"{i:04d}.jpg"), quality=95)
-        _publish(tmp, final)
+    with _writing_cache("digits"):
+        if not _complete(final):
+            _write_digits(final)
     return os.path.join(final, "train"), os.path.join(final, "val")
+
+
+def _write_digits(final: str) -> None:
+    import numpy as np
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    idx_train, idx_val = train_test_split(
+        np.arange(len(d.target)), test_size=0.2, stratify=d.target, random_state=0
+    )
+    os.makedirs(cache_root(), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".digits-", dir=cache_root())
+    for split, idx in (("train", idx_train), ("val", idx_val)):
+        for i in idx:
+            cdir = os.path.join(tmp, split, str(d.target[i]))
+            os.makedirs(cdir, exist_ok=True)
+            arr = (d.images[i] * (255.0 / 16.0)).clip(0, 255).astype("uint8")
+            img = Image.fromarray(arr, mode="L").resize((32, 32), Image.BILINEAR).convert("RGB")
+            img.save(os.path.join(cdir, f"{i:04d}.jpg"), quality=95)
+    _publish(tmp, final)
 
 
 def builtin_cifar10(tar_dir: str, progress: bool = True) -> tuple[str, str]:
@@ -314,13 +330,18 @@ def builtin_cifar10(tar_dir: str, progress: bool = True) -> tuple[str, str]:
         if not os.path.isfile(p):
             raise DataError(f"cifar10: '{p}' not found (give the folder holding train.tar.gz and test.tar.gz)")
     final = os.path.join(cache_root(), "cifar10")
-    if not _complete(final):
-        os.makedirs(cache_root(), exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".cifar10-", dir=cache_root())
-        for split, path in tars.items():
-            _extract(path, tmp, f"cifar10/{split}", progress)
-        _publish(tmp, final)
+    with _writing_cache("cifar10"):
+        if not _complete(final):
+            _extract_cifar10(tars, final, progress)
     return os.path.join(final, "train"), os.path.join(final, "test")
+
+
+def _extract_cifar10(tars: dict, final: str, progress: bool) -> None:
+    os.makedirs(cache_root(), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".cifar10-", dir=cache_root())
+    for split, path in tars.items():
+        _extract(path, tmp, f"cifar10/{split}", progress)
+    _publish(tmp, final)
 
 
 def _extract(path: str, dest: str, label: str, progress: bool = True) -> None:
