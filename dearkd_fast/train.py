@@ -103,8 +103,10 @@ def check_inputs(cfg: TrainConfig) -> tuple[OutputFolder, dict | None]:
             missing = [t for t in cfg.teacher_taps.split(",") if not has_module(tmodel, t)]
             if missing:
                 raise InputError(f"--teacher-taps: {cfg.teacher} has no module '{missing[0]}'")
-    if cfg.teacher_ckpt is not None and not os.path.isfile(cfg.teacher_ckpt):
-        raise InputError(f"--teacher-ckpt '{cfg.teacher_ckpt}' does not exist")
+    if cfg.teacher_ckpt is not None:
+        if not os.path.isfile(cfg.teacher_ckpt):
+            raise InputError(f"--teacher-ckpt '{cfg.teacher_ckpt}' does not exist")
+        load_teacher(cfg.teacher_ckpt)  # readable and whole, or refused (CheckpointError) before any data is read
     if cfg.run.backend != "auto":
         ops.resolve_backend(cfg.run.backend, torch.empty(0, device=cfg.run.torch_device))  # fail now, not mid-epoch
     out = OutputFolder.open(cfg.output, PROG, resume=cfg.run.resume, overwrite=cfg.run.overwrite,
