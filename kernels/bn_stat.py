@@ -35,9 +35,8 @@ from .grid import PROGRAMS_PER_SM, Launch, arch_of, dtype_bytes, pick_config, sm
 
 __all__ = ["bn_stat_loss", "bn_stat_losses", "bn_moments", "plan_moments", "plan_moments_backward"]
 
-ITEM_FIELDS = 4  # (layer, channel block j | channel c, a0, a1)
-LAYER_FIELDS = 3  # (C, H*W, col0: the layer's first column in the concatenated channels)
-GROUP_FIELDS = 4  # finish: (column of the first channel, valid channels, first item, end item)
+# tables (int32 rows): items (layer, channel block j | channel c, a0, a1); layers (C, H*W, col0: the layer's first
+# column in the concatenated channels); finish groups (column of the first channel, valid channels, first item, end)
 
 
 @triton.jit
@@ -238,18 +237,17 @@ def _tables(specs: tuple, device: torch.device, sms: int):
     (the training and inversion loops repeat them). Items are cut so that the whole call has about
     2 * PROGRAMS_PER_SM items per SM (so the last wave is short); each class of items (layout, dtype,
     alignment, config) is one launch. Returns (classes [(key, first item, item count)], items, layers,
-    groups, counts, slot, group count)."""
+    groups, slot, group count)."""
     total = sum(s[0] * s[1] * s[2] * s[3] for s, *_ in specs)
     per_item = max(1, -(-total // (2 * PROGRAMS_PER_SM * sms)))  # elements per item
     slot = max([dict(c)["BLOCK_C"] for _, rows, _, _, c in specs if rows] or [1])
     by_class: dict = {}
-    layer_rows, groups, counts, col = [], [], [], 0
+    layer_rows, groups, col = [], [], 0
     for li, (shape, rows, dtype, aligned, cfg_items) in enumerate(specs):
         cfg = dict(cfg_items)
         B, C, H, W = shape
         HW = H * W
         layer_rows.append((C, HW, col))
-        counts.extend([float(B * HW)] * C)
         key = (rows, dtype, aligned, cfg_items)
         items = by_class.setdefault(key, [])
         br, bc = cfg["BLOCK_R"], cfg["BLOCK_C"]
@@ -275,14 +273,15 @@ def _tables(specs: tuple, device: torch.device, sms: int):
         flat.extend(items)
     group_rows = [(c, w, offset[k] + f, offset[k] + f + n) for c, w, k, f, n in groups]
 
-    def dev(rows, dtype=torch.int32):
-        return torch.tensor(rows, dtype=dtype).to(device)
+    def dev(rows):
+        return torch.tensor(rows, dtype=torch.int32).to(device)
 
-    return classes, dev(flat), dev(layer_rows), dev(group_rows), dev(counts, torch.float32), slot, len(group_rows)
+    return classes, dev(flat), dev(layer_rows), dev(group_rows), slot, len(group_rows)
 
 
 def _tables_for(xs: List[Tensor]):
-    return _tables(_layer_specs(xs), xs[0].device, sm_count(xs[0].device))
+    """The cached tables of these layers and their per-channel element counts n (glue's cached metadata)."""
+    return (*_tables(_layer_specs(xs), xs[0].device, sm_count(xs[0].device)), glue.metadata(xs)[1])
 
 
 def _pointer_table(xs: List[Tensor], device: torch.device) -> Tensor:
@@ -293,7 +292,7 @@ def _pointer_table(xs: List[Tensor], device: torch.device) -> Tensor:
     return ptrs.to(device)
 
 
-def _class_constexprs(key, slot: int) -> tuple[dict, int, int]:
+def _class_constexprs(key) -> tuple[dict, int, int]:
     rows, dtype, aligned, cfg_items = key
     cfg = dict(cfg_items)
     vec = 16 // dtype_bytes(dtype)
@@ -304,7 +303,7 @@ def _class_constexprs(key, slot: int) -> tuple[dict, int, int]:
 def plan_moments(xs: List[Tensor]) -> tuple[list[Launch], Tensor, Tensor]:
     """The launches of bn_moments(xs) (xs dense) and their (mean, var) outputs."""
     device = xs[0].device
-    order, items, layers, groups, counts, slot, n_groups = _tables_for(xs)
+    order, items, layers, groups, slot, n_groups, counts = _tables_for(xs)
     total_c = sum(x.shape[1] for x in xs)
     n_items = items.shape[0]
     part = torch.empty((n_items, 2, slot), device=device, dtype=torch.float32)
@@ -315,7 +314,7 @@ def plan_moments(xs: List[Tensor]) -> tuple[list[Launch], Tensor, Tensor]:
     launches = []
     for key, first, count in order:
         proto = next(x for x in xs if x.dtype == key[1])
-        c, warps, stages = _class_constexprs(key, slot)
+        c, warps, stages = _class_constexprs(key)
         launches.append(Launch(_bn_moments_kernel, (count,), (ptrs, proto, layers, items, part, shift, first),
                                dict(c, SLOT=slot), warps, stages,
                                note=f"bn moments, {'rows' if key[0] else 'planes'}, {count} items"))
@@ -328,12 +327,12 @@ def plan_moments_backward(xs: List[Tensor], dxs: List[Tensor], mean: Tensor, gra
                           grad_var: Tensor) -> list[Launch]:
     """The launches of the backward (xs dense, dxs empty tensors with xs' strides)."""
     device = xs[0].device
-    order, items, layers, groups, counts, slot, n_groups = _tables_for(xs)
+    order, items, layers, groups, slot, n_groups, counts = _tables_for(xs)
     ptrs, dptrs = _pointer_table(xs, device), _pointer_table(dxs, device)
     launches = []
     for key, first, count in order:
         proto = next(x for x in xs if x.dtype == key[1])
-        c, warps, stages = _class_constexprs(key, slot)
+        c, warps, stages = _class_constexprs(key)
         launches.append(Launch(_bn_backward_kernel, (count,),
                                (ptrs, dptrs, proto, layers, items, mean, grad_mean, grad_var, counts, first),
                                c, warps, stages, note=f"bn backward, {'rows' if key[0] else 'planes'}, {count} items"))

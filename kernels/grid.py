@@ -96,7 +96,7 @@ def pick_config(op: str, dtype: torch.dtype, shape_class: str, arch: str, heuris
 
 
 def dtype_bytes(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+    return dtype.itemsize
 
 
 def next_pow2(n: int) -> int:

@@ -303,7 +303,6 @@ def builtin_digits() -> tuple[str, str]:
 
 
 def _write_digits(final: str) -> None:
-    import numpy as np
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
