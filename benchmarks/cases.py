@@ -252,7 +252,7 @@ def train_step_case(variant: str, stage: int, student: str, teacher: str, res: i
     crit = DearKDLoss(torch.nn.CrossEntropyLoss(), t, backend="auto" if variant == "ours" else "torch")
     crit.set_stage(stage, model)
     params = [{"params": list(model.parameters())}]
-    opt = engine.make_optimizer(params, 1e-4, dev) if variant == "ours" else \
+    opt = engine.make_optimizer(params, 1e-4) if variant == "ours" else \
         torch.optim.AdamW(params, lr=1e-4, foreach=False, fused=False)
     step = engine.TrainStep(model, crit, opt, engine.cosine_schedule(opt, 0, 10**6), device=dev,
                             amp=variant != "plain", compile=variant != "plain")

@@ -231,8 +231,10 @@ class DataConfig:
 
     source: str = flag("digits", "ImageFolder root, 'digits' (built in), or 'cifar10[:TARBALL_DIR]'", group="data",
                        name="--data")
-    val_source: str | None = flag(None, "validation ImageFolder (default: the built-in set's split, else a "
-                                  "class-balanced 10%% hold-out of --data)", group="data", name="--val-data")
+    val_source: str | None = flag(None, "validation ImageFolder, a built-in set's name (its validation split), or "
+                                  "'holdout': a class-balanced 10%% of --data's training images, the same for every "
+                                  "seed, never the test split (tuning) (default: the built-in set's split, else "
+                                  "holdout)", group="data", name="--val-data")
     fraction: float = flag(1.0, "class-balanced share of the training images, in (0, 1]", group="data",
                            name="--data-fraction")
     val_fraction: float = flag(1.0, "class-balanced share of the validation images, in (0, 1] (the same images for "
@@ -301,8 +303,11 @@ class TrainConfig:
     teacher: str = flag("cifar_resnet8", "teacher architecture (timm name or tv:<torchvision name>)", group="models")
     teacher_ckpt: str | None = flag(None, "teacher.pt to load instead of training a teacher", group="models")
     teacher_epochs: int = flag(10, "epochs to train the teacher when no --teacher-ckpt", group="models")
-    teacher_lr: float = flag(2e-3, "AdamW learning rate of the teacher", group="models")
-    teacher_weight_decay: float = flag(5e-4, "AdamW weight decay of the teacher", group="models")
+    teacher_opt: str = flag("adamw", "the teacher's optimiser: adamw, or sgd (Nesterov momentum 0.9; the fast CIFAR "
+                            "recipes: --teacher-lr 0.2 --teacher-weight-decay 5e-4)", group="models",
+                            choices=("adamw", "sgd"))
+    teacher_lr: float = flag(2e-3, "peak learning rate of the teacher (warm-up, then cosine)", group="models")
+    teacher_weight_decay: float = flag(5e-4, "weight decay of the teacher (not on norms and biases)", group="models")
     teacher_smoothing: float = flag(0.0, "label smoothing of the teacher's cross-entropy", group="models")
     teacher_taps: str | None = flag(None, "comma-separated teacher modules to align to (default: first two stages)",
                                     group="models")
@@ -315,6 +320,8 @@ class TrainConfig:
     min_lr_ratio: float = flag(0.01, "cosine floor, as a share of --lr", group="optimisation")
     weight_decay: float = flag(0.05, "AdamW (not on norms, biases, tokens, position embeddings)", group="optimisation")
     warmup_epochs: int = flag(2, "linear warm-up", group="optimisation")
+    eval_every: int = flag(1, "validate after every N-th epoch and after the last epoch of each stage",
+                           group="optimisation")
     max_norm: float | None = flag(None, "gradient clipping norm", group="optimisation")
     alpha: float = flag(0.5, "weight of KD against CE in stage 1", group="distillation")
     beta: float = flag(1.0, "weight of the feature-alignment losses", group="distillation")
@@ -336,6 +343,7 @@ class TrainConfig:
 
     def __post_init__(self):
         _check(self.checkpoint_every >= 0, f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
+        _check(self.eval_every >= 1, f"--eval-every must be >= 1, got {self.eval_every}")
         _check(self.keep_checkpoints >= 1, f"--keep-checkpoints must be >= 1, got {self.keep_checkpoints}")
         _check(self.max_bad_steps >= 0, f"--max-bad-steps must be >= 0, got {self.max_bad_steps}")
         _check(not (self.checkpoint_every and self.data.uses_dali), "--checkpoint-every needs the torchvision loader: DALI "
@@ -371,6 +379,10 @@ class TrainConfig:
     def switch_epoch(self) -> int:
         """E1, the first stage-2 epoch (see stage_switch)."""
         return stage_switch(self.epochs, self.stage1_epochs)
+
+    def evaluates(self, epoch: int) -> bool:
+        """Whether epoch (0-based) ends with a validation: every --eval-every-th, and the last of each stage."""
+        return (epoch + 1) % self.eval_every == 0 or epoch + 1 in (self.switch_epoch, self.epochs)
 
     @property
     def mixes(self) -> bool:
@@ -577,14 +589,31 @@ class StudyTier:
     synthetic_epochs: int
     synthetic_batch_size: int
     invert_iterations: int  # per phase (half, then full resolution)
+    teacher_flags: tuple[str, ...] = ()  # the teacher's recipe: trainer flags of its run
+    teacher_batch_size: int | None = None  # default: batch_size
+    teacher_val_fraction: float | None = None  # share of the validation split the teacher is scored on; default val_fraction
+    steps: tuple[int, ...] | None = None  # optimiser steps of every student at each fraction (one: at all; data-free:
+    # the first); its epochs follow from its set's size. None: epochs
+    no_stage2_seeds: int | None = None  # seeds of the rows without stage 2 (None: seeds)
+    evals: int | None = None  # validations per student run (about; at least one a stage); None: every epoch
+    tune: bool = False  # first pick each method's settings (TUNING) on a hold-out of the training split
 
 
-# cpu: sized to finish within 45 minutes on the 2-core CPU machine; gpu: the full grid, sized to about 10 minutes
+# the cpu-long tier's teacher: ResNet-9 at half width, SGD (Nesterov) with label smoothing 0.2, batch 512
+STRONG_TEACHER = ("--teacher-opt", "sgd", "--teacher-lr", "0.2", "--teacher-weight-decay", "5e-4",
+                  "--teacher-smoothing", "0.2")
+# cpu: sized to finish within 45 minutes on the 2-core CPU machine; cpu-long: the scarce-data question, within
+# 180 minutes of it (resumable across sittings); gpu: the full grid, sized to about 10 minutes
 # from the trainer's rate measured on an H200 (README, Results: the estimate). Both train with bf16 autocast.
 STUDY_TIERS: dict[str, StudyTier] = {
     "cpu": StudyTier(model="dearkd_nano_patch4_32", teacher="cifar_resnet20", teacher_epochs=3, epochs=4, batch_size=128,
                      lr=2e-3, warmup_epochs=1, fractions=(0.1, 0.25), seeds=2, val_fraction=0.25, workers=2,
                      synthetic_per_class=10, synthetic_epochs=10, synthetic_batch_size=32, invert_iterations=80),
+    "cpu-long": StudyTier(model="dearkd_nano_patch4_32", teacher="cifar_resnet9", teacher_epochs=15, epochs=100,
+                          batch_size=128, lr=2e-3, warmup_epochs=1, fractions=(0.02, 0.1), seeds=3, val_fraction=0.2,
+                          workers=2, synthetic_per_class=50, synthetic_epochs=100, synthetic_batch_size=100,
+                          invert_iterations=200, teacher_flags=STRONG_TEACHER, teacher_batch_size=512,
+                          teacher_val_fraction=1.0, steps=(800, 1600), no_stage2_seeds=1, evals=20, tune=True),
     "gpu": StudyTier(model="dearkd_tiny_patch4_32", teacher="cifar_resnet20", teacher_epochs=3, epochs=2, batch_size=512,
                      lr=2e-3, warmup_epochs=1, fractions=(0.1, 0.25, 0.5, 1.0), seeds=2, val_fraction=0.4, workers=12,
                      synthetic_per_class=30, synthetic_epochs=8, synthetic_batch_size=128, invert_iterations=120),
@@ -593,8 +622,8 @@ STUDY_TIERS: dict[str, StudyTier] = {
 
 def _tier_help(key: str) -> str:
     vals = {t: getattr(v, key) for t, v in STUDY_TIERS.items()}
-    show = {t: ",".join(f"{x:g}" for x in v) if isinstance(v, tuple) else f"{v:g}" if isinstance(v, float) else str(v)
-            for t, v in vals.items()}
+    show = {t: ",".join(f"{x:g}" for x in v) if isinstance(v, tuple) else f"{v:g}" if isinstance(v, float) else
+            "-" if v is None else str(v) for t, v in vals.items()}
     return "default: " + ", ".join(f"{v} ({t})" for t, v in show.items())
 
 
@@ -608,13 +637,16 @@ class StudyConfig:
 
     data: str = flag("cifar10", "the data set: 'cifar10[:TARBALL_DIR]', 'digits' or an ImageFolder (students and "
                      "teacher are evaluated on its validation split)", group="study")
-    tier: str = flag("cpu", "'cpu' (the 2-core CPU machine, within 45 minutes) or 'gpu' (the full grid, one GPU)",
+    tier: str = flag("cpu", "'cpu' (the 2-core CPU machine, within 45 minutes), 'cpu-long' (scarce data with a strong "
+                     "teacher, settings tuned on a hold-out; within 180 minutes of it) or 'gpu' (the full grid, one GPU)",
                      group="study", choices=tuple(STUDY_TIERS))
     output: str | None = flag(None, "study folder (rerun the same command to continue an interrupted study)",
                               group="study", shown="results/<data>-<tier>")
     fractions: str | None = _tier_flag("fractions", "comma-separated shares of the training split")
     seeds: int | None = _tier_flag("seeds", "seeds per method and fraction")
-    epochs: int | None = _tier_flag("epochs", "student epochs (every method)")
+    epochs: int | None = _tier_flag("epochs", "student epochs (every method), where no --steps")
+    steps: str | None = _tier_flag("steps", "comma-separated optimiser steps of every student at each fraction (one "
+                                   "number: at all), its epochs following from its set's size")
     teacher_epochs: int | None = _tier_flag("teacher_epochs", "teacher epochs on the whole training split")
     batch_size: int | None = _tier_flag("batch_size", "batch size of every student")
     val_fraction: float | None = _tier_flag("val_fraction", "class-balanced share of the validation split evaluated")
@@ -636,6 +668,8 @@ class StudyConfig:
         for name in ("seeds", "epochs", "teacher_epochs", "batch_size", "synthetic_per_class", "synthetic_epochs",
                      "invert_iterations"):
             _check(getattr(t, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(t, name)}")
+        _check(t.steps is None or (all(n >= 1 for n in t.steps) and len(t.steps) in (1, len(t.fractions))),
+               f"--steps must be one count >= 1, or one for each of the {len(t.fractions)} fractions, got {t.steps}")
         _check(t.workers >= 0, f"--workers must be >= 0, got {t.workers}")
         _finite("--val-fraction", t.val_fraction, low=0.0, low_open=True, high=1.0)
 
@@ -651,6 +685,11 @@ class StudyConfig:
             except ValueError:
                 raise InputError(f"--fractions must be comma-separated numbers, got '{self.fractions}'") from None
             _check(bool(over["fractions"]), "--fractions must name at least one share")
+        if "steps" in over:
+            try:
+                over["steps"] = tuple(int(x) for x in self.steps.split(",") if x.strip())
+            except ValueError:
+                raise InputError(f"--steps must be comma-separated whole numbers, got '{self.steps}'") from None
         return dataclasses.replace(base, **over)
 
     @property

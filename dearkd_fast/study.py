@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import platform
 import shlex
@@ -39,8 +40,8 @@ from tqdm import tqdm
 from . import invert, train
 from .checkpoint import atomic_write, atomic_write_json
 from .cli import LOCK, claim, run_cli
-from .config import StudyConfig, stage_switch
-from .data.folder import builtin_name, data_name, resolve_data, scan_image_folder
+from .config import DataConfig, StudyConfig, StudyTier, stage_switch
+from .data.folder import HOLDOUT, balanced_subset, builtin_name, data_name, holdout_split, resolve_data, scan_image_folder
 from .errors import InputError, RunError, Stopped
 
 __all__ = ["METHODS", "Run", "plan", "main"]
@@ -73,10 +74,38 @@ DATA_FREE: dict[str, tuple] = {
 }
 
 
+@dataclass(frozen=True)
+class Candidate:
+    """A setting tried for a method while tuning: a learning rate and the method's own trainer flags."""
+
+    lr: float
+    flags: tuple[str, ...] = ()
+
+    @property
+    def label(self) -> str:
+        return " ".join([f"--lr {self.lr:g}", *self.flags])
+
+
+def _grid(*variants: tuple[str, ...]) -> list[Candidate]:
+    return [Candidate(lr, v) for lr in (1e-3, 2e-3) for v in variants]
+
+
+# a tier with tune=True first trains every candidate at its smallest fraction (seed 0) and validates it on a
+# hold-out of the training split; each method's final runs use its best. The same number of candidates per
+# method: none is tuned harder. DearKD without stage 2 and the data-free rows take DearKD's choice.
+TUNING: dict[str, list[Candidate]] = {
+    "scratch": _grid((), ("--smoothing", "0.1")),
+    "deit": _grid((), ("--distillation-type", "soft", "--tau", "3")),
+    "dearkd": _grid((), ("--align-standardize",)),
+}
+TUNED_AS = {"dearkd-no-stage2": "dearkd"}
+
+
 @dataclass
 class Run:
     """One invocation of a tool inside the study: its folder under runs/, its argv, its weight in the
-    progress bar (images it processes, roughly) and what it stands for in the table."""
+    progress bar (images it processes, roughly) and what it stands for in the table (a tuning run has
+    `candidate` set and is validated on the hold-out)."""
 
     name: str
     tool: str  # "train" or "invert"
@@ -85,42 +114,103 @@ class Run:
     method: str | None = None
     fraction: float | None = None
     seed: int | None = None
+    candidate: Candidate | None = None
 
     def command(self, extra: list[str]) -> str:
         return shlex.join([sys.executable, "-m", f"dearkd_fast.{self.tool}", *self.argv, *extra])
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Training images of the study's set: the whole split, at each fraction for the final runs, and at each
+    fraction once the tuning hold-out is taken out; and the classes."""
+
+    num_train: int
+    num_classes: int
+    final: dict
+    tuning: dict
 
 
 def _frac(f: float) -> str:
     return f"{f:g}"
 
 
-def plan(cfg: StudyConfig, root: str, num_train: int, num_classes: int) -> list[Run]:
-    """Every run of the study in the order they run (the teacher first, the inversions before their students)."""
+def _steps(t: StudyTier, frac: float | None) -> int | None:
+    """The tier's optimiser steps of a student at fraction `frac` (None: a data-free student, the first count)."""
+    if not t.steps:
+        return None
+    return t.steps[0] if frac is None or len(t.steps) == 1 else t.steps[t.fractions.index(frac)]
+
+
+def _schedule(t: StudyTier, frac: float | None, n_train: int, batch_size: int,
+              default_epochs: int) -> tuple[int, int, int]:
+    """(epochs, warm-up epochs, --eval-every) of a student on n_train images: with the tier's `steps`, enough
+    epochs for that many optimiser steps and a warm-up of 5 % of them; else the tier's epochs and warm-up."""
+    steps = _steps(t, frac)
+    if steps:
+        epochs = max(2, math.ceil(steps / max(1, n_train // batch_size)))
+        warmup = max(t.warmup_epochs, round(0.05 * epochs))
+    else:
+        epochs, warmup = default_epochs, t.warmup_epochs
+    return epochs, warmup, (max(1, epochs // t.evals) if t.evals else 1)
+
+
+def _seeds(t: StudyTier, method: str) -> int:
+    """Seeds of a method's row: the tier's, fewer for the rows without stage 2 where the tier says so."""
+    return min(t.seeds, t.no_stage2_seeds or t.seeds) if "no-stage2" in method else t.seeds
+
+
+def plan(cfg: StudyConfig, root: str, sizes: Sizes, chosen: dict[str, Candidate] | None = None) -> list[Run]:
+    """Every run of the study in the order they run: the teacher, the tuning runs (a tier with tune), then the
+    final grid with each method's chosen candidate (`chosen`; without it, a tuned tier plans no final run),
+    the inversions before their students."""
     t = cfg.settings
     runs_dir = os.path.join(root, "runs")
     teacher_ckpt = os.path.join(runs_dir, "teacher", "teacher.pt")
-
     models = ["--model", t.model, "--teacher", t.teacher]
 
-    def trainer(head: list[str], batch_size: int, name: str, *flags: str) -> list[str]:
-        """The trainer's argv of a run: its data and models, what every run shares, its own flags, its folder."""
-        return head + ["--batch-size", str(batch_size), "--lr", f"{t.lr:g}", "--warmup-epochs", str(t.warmup_epochs),
-                       "--val-fraction", f"{t.val_fraction:g}", "--workers", str(t.workers), "--amp",
+    def trainer(head: list[str], batch_size: int, name: str, lr: float, schedule: tuple[int, int, int], *flags: str,
+                val_fraction: float | None = None) -> list[str]:
+        """The trainer's argv of a run: its data and models, what every run shares, its schedule (epochs, warm-up,
+        --eval-every), its own flags, its folder."""
+        epochs, warmup, every = schedule
+        return head + ["--batch-size", str(batch_size), "--lr", f"{lr:g}", "--warmup-epochs", str(warmup),
+                       "--val-fraction", f"{val_fraction or t.val_fraction:g}", "--workers", str(t.workers), "--amp",
                        "--device", cfg.device, "--no-progress", *(["--deterministic"] if cfg.deterministic else []),
-                       *flags, "--output", os.path.join(runs_dir, name)]
+                       "--epochs", str(epochs), *(["--eval-every", str(every)] if every > 1 else []), *flags,
+                       "--output", os.path.join(runs_dir, name)]
+
+    def student(head: list[str], name: str, n_train: int, frac: float, seed: int, method: str,
+                cand: Candidate) -> Run:
+        flags, uses_teacher = METHODS[method]
+        schedule = _schedule(t, frac, n_train, t.batch_size, t.epochs)
+        argv = trainer(head, t.batch_size, name, cand.lr, schedule, "--data-fraction", _frac(frac), "--seed", str(seed),
+                       *flags(schedule[0]), *cand.flags, *(["--teacher-ckpt", teacher_ckpt] if uses_teacher else []))
+        return Run(name, "train", argv, cost=schedule[0] * n_train, method=method, fraction=frac, seed=seed)
 
     real = ["--data", cfg.data] + models
-    runs = [Run("teacher", "train", trainer(real, t.batch_size, "teacher", "--epochs", "0", "--teacher-epochs",
-                                            str(t.teacher_epochs)), cost=t.teacher_epochs * num_train)]
+    teacher_argv = trainer(real, t.teacher_batch_size or t.batch_size, "teacher", t.lr, (0, t.warmup_epochs, 1),
+                           "--teacher-epochs", str(t.teacher_epochs), *t.teacher_flags,
+                           val_fraction=t.teacher_val_fraction)
+    runs = [Run("teacher", "train", teacher_argv, cost=t.teacher_epochs * sizes.num_train)]
+    if t.tune:
+        frac = min(t.fractions)
+        for method, cands in TUNING.items():
+            for i, cand in enumerate(cands):
+                r = student(real + ["--val-data", HOLDOUT], f"tune-{method}-{i}", sizes.tuning[frac], frac, 0, method,
+                            cand)
+                runs.append(dataclasses.replace(r, candidate=cand))
+        if chosen is None:
+            return runs
+    default = Candidate(t.lr)
+    pick = {m: (chosen or {}).get(TUNED_AS.get(m, m), default) for m in METHODS}
     for frac in t.fractions:
         for seed in range(t.seeds):
-            for method, (flags, uses_teacher) in METHODS.items():
-                name = f"{method}-f{_frac(frac)}-s{seed}"
-                argv = trainer(real, t.batch_size, name, "--epochs", str(t.epochs), "--data-fraction", _frac(frac),
-                               "--seed", str(seed), *flags(t.epochs),
-                               *(["--teacher-ckpt", teacher_ckpt] if uses_teacher else []))
-                runs.append(Run(name, "train", argv, cost=t.epochs * frac * num_train, method=method, fraction=frac,
-                                seed=seed))
+            for method in METHODS:
+                if seed >= _seeds(t, method):
+                    continue
+                runs.append(student(real, f"{method}-f{_frac(frac)}-s{seed}", sizes.final[frac], frac, seed, method,
+                                    pick[method]))
     if cfg.data_free:
         for bpid in (True, False):
             name = f"synthetic-{'bpid' if bpid else 'nobpid'}"
@@ -128,18 +218,34 @@ def plan(cfg: StudyConfig, root: str, num_train: int, num_classes: int) -> list[
                     "--iterations", str(t.invert_iterations), "--low-res-iterations", str(t.invert_iterations),
                     "--amp", "--device", cfg.device, "--no-progress"] + (["--bpid", "0"] if not bpid else [])
             argv += ["--output", os.path.join(runs_dir, name, "images")]  # the inverter wants a folder of its own
-            runs.append(Run(name, "invert", argv, cost=2 * t.invert_iterations * t.synthetic_per_class * num_classes))
-        n_synth = t.synthetic_per_class * num_classes
+            runs.append(Run(name, "invert", argv,
+                            cost=2 * t.invert_iterations * t.synthetic_per_class * sizes.num_classes))
+        n_synth = t.synthetic_per_class * sizes.num_classes
+        batch = min(t.synthetic_batch_size, n_synth)
+        cand = pick["dearkd"]
         for method, (bpid, flags) in DATA_FREE.items():
-            for seed in range(t.seeds):
+            for seed in range(_seeds(t, method)):
                 synth = os.path.join(runs_dir, f"synthetic-{'bpid' if bpid else 'nobpid'}", "images")
                 name = method.replace("data-free ", "df-").replace(", ", "-").replace(" ", "-").lower() + f"-s{seed}"
                 head = ["--data", synth, "--val-data", _val_spec(cfg.data), *models, "--teacher-ckpt", teacher_ckpt]
-                argv = trainer(head, min(t.synthetic_batch_size, n_synth), name, "--epochs", str(t.synthetic_epochs),
-                               "--seed", str(seed), *flags(t.synthetic_epochs))
-                runs.append(Run(name, "train", argv, cost=t.synthetic_epochs * (n_synth + 0.2 * num_train * t.val_fraction),
+                schedule = _schedule(t, None, n_synth, batch, t.synthetic_epochs)
+                argv = trainer(head, batch, name, cand.lr, schedule, "--seed", str(seed), *flags(schedule[0]),
+                               *cand.flags)
+                runs.append(Run(name, "train", argv,
+                                cost=schedule[0] * (n_synth + 0.2 * sizes.num_train * t.val_fraction),
                                 method=method, seed=seed))
     return runs
+
+
+def choose(runs: list[Run]) -> dict[str, Candidate]:
+    """Each tuned method's candidate with the best hold-out top-1 at the end of its run (the first on a tie)."""
+    best: dict[str, tuple[float, Candidate]] = {}
+    for r in runs:
+        if r.candidate is not None:
+            top1 = _summary(r)["final_top1"]
+            if r.method not in best or top1 > best[r.method][0]:
+                best[r.method] = (top1, r.candidate)
+    return {m: c for m, (_, c) in best.items()}
 
 
 def _val_spec(data: str) -> str:
@@ -201,6 +307,18 @@ def _last_line(path: str) -> str:
     return lines[-1] if lines else "(no output)"
 
 
+def _check_commands(root: str, runs: list[Run]) -> None:
+    """InputError unless every run already started in `root` was started with the command planned now."""
+    for r in runs:
+        cmd = os.path.join(root, "runs", r.name, "command.txt")
+        if os.path.isfile(cmd):
+            with open(cmd, encoding="utf-8") as f:
+                first = f.readline().strip()
+            if shlex.split(first)[1:] != shlex.split(r.command([]))[1:]:  # the interpreter may differ
+                raise InputError(f"'{root}' holds a study with other settings (run {r.name} was started as "
+                                 f"'{first}'); rerun it with its own flags or choose another --output")
+
+
 def _open_study(cfg: StudyConfig, root: str, runs: list[Run]) -> dict:
     """Claim the study folder and read its state (settings, wall seconds per run). Every run already started
     there must have been started with the command planned now: a folder holding a study of other settings,
@@ -215,14 +333,7 @@ def _open_study(cfg: StudyConfig, root: str, runs: list[Run]) -> dict:
             assert state.get("format") == STATE_FORMAT and isinstance(state.get("wall_s"), dict)
         except (OSError, ValueError, AssertionError):
             raise InputError(f"'{path}' is not a study state file; choose another --output") from None
-        for r in runs:
-            cmd = os.path.join(root, "runs", r.name, "command.txt")
-            if os.path.isfile(cmd):
-                with open(cmd, encoding="utf-8") as f:
-                    first = f.readline().strip()
-                if shlex.split(first)[1:] != shlex.split(r.command([]))[1:]:  # the interpreter may differ
-                    raise InputError(f"'{root}' holds a study with other settings (run {r.name} was started as "
-                                     f"'{first}'); rerun it with its own flags or choose another --output")
+        _check_commands(root, runs)
     elif any(n != LOCK for n in os.listdir(root)):
         raise InputError(f"--output '{root}' is not empty and holds no study; choose a new or empty folder")
     else:
@@ -233,32 +344,50 @@ def _open_study(cfg: StudyConfig, root: str, runs: list[Run]) -> dict:
     return state
 
 
-def _data_size(cfg: StudyConfig) -> tuple[int, int]:
-    """(images, classes) of the training split: the progress bar's weights, the data-free set's size."""
+def _sizes(cfg: StudyConfig) -> Sizes:
+    """The training images of the final and the tuning runs at each fraction, counted as the trainer draws them
+    (the progress bar's weights, the schedules of a tier with `steps`), and the classes."""
     source = resolve_data(cfg.data, None, progress=not cfg.no_progress)
     scan = scan_image_folder(source.train_dir, progress=not cfg.no_progress)
-    return len(scan.samples), len(scan.classes)
+    holdout = DataConfig().holdout
+    held_out = holdout_split(scan.samples, holdout, 0)[0]
+    pool = scan.samples if source.val_dir is not None else held_out
+    fracs = cfg.settings.fractions
+    return Sizes(len(scan.samples), len(scan.classes), {f: len(balanced_subset(pool, f, 0)) for f in fracs},
+                 {f: len(balanced_subset(held_out, f, 0)) for f in fracs})
 
 
 def run(cfg: StudyConfig) -> dict:
     root = cfg.folder
-    runs = plan(cfg, root, *_data_size(cfg))
-    state = _open_study(cfg, root, runs)
-    todo = [(r, _status(r)) for r in runs]
-    left = [(r, extra) for r, (done, extra) in todo if not done]
-    print(f"study {cfg.tier} tier on {cfg.data}: {len(runs)} runs, {len(runs) - len(left)} done, {len(left)} to do "
-          f"-> {root}", flush=True)
-    bar = tqdm(total=sum(r.cost for r in runs), initial=sum(r.cost for r, (d, _) in todo if d), unit="img",
-               unit_scale=True, disable=cfg.no_progress, desc="study", dynamic_ncols=True,
+    sizes = _sizes(cfg)
+    first = plan(cfg, root, sizes)  # a tuned tier: the teacher and the tuning runs; else every run
+    state = _open_study(cfg, root, first)
+    estimate = plan(cfg, root, sizes, chosen={})  # every run (the costs do not depend on the choice)
+    done = {r.name for r in first if _status(r)[0]}
+    tuned = cfg.settings.tune and all(r.name in done for r in first)
+    runs = plan(cfg, root, sizes, choose(first)) if tuned else first
+    _check_commands(root, runs)
+    done |= {r.name for r in runs if _status(r)[0]}
+    print(f"study {cfg.tier} tier on {cfg.data}: {len(estimate)} runs, {len(done)} done, {len(estimate) - len(done)} "
+          f"to do -> {root}", flush=True)
+    bar = tqdm(total=sum(r.cost for r in estimate), initial=sum(r.cost for r in estimate if r.name in done),
+               unit="img", unit_scale=True, disable=cfg.no_progress, desc="study", dynamic_ncols=True,
                bar_format="{l_bar}{bar}| {postfix} [{elapsed}<{remaining}]")
-    done_n = len(runs) - len(left)
     with bar:
-        for r, extra in left:
-            bar.set_postfix_str(f"runs {done_n}/{len(runs)}, now {r.name}")
-            _execute(r, root, extra, state)
-            done_n += 1
-            bar.update(r.cost)
-            bar.set_postfix_str(f"runs {done_n}/{len(runs)}")
+        while True:
+            for r in runs:
+                finished, extra = _status(r)
+                if finished:
+                    continue
+                bar.set_postfix_str(f"runs {len(done)}/{len(estimate)}, now {r.name}")
+                _execute(r, root, extra, state)
+                done.add(r.name)
+                bar.update(r.cost)
+                bar.set_postfix_str(f"runs {len(done)}/{len(estimate)}")
+            if runs is not first or not cfg.settings.tune:
+                break
+            runs = plan(cfg, root, sizes, choose(first))  # tuning done: the final runs with each method's choice
+            _check_commands(root, runs)
     table = collect(cfg, root, runs, state)
     write_outputs(root, table)
     print(table["markdown"])
@@ -297,7 +426,7 @@ def collect(cfg: StudyConfig, root: str, runs: list[Run], state: dict) -> dict:
     rows = []
     groups: dict[tuple, list[Run]] = {}
     for r in runs[1:]:
-        if r.method is not None:
+        if r.method is not None and r.candidate is None:
             groups.setdefault((r.method, r.fraction), []).append(r)
     for (method, frac), members in groups.items():
         sums = [_summary(r) for r in members]
@@ -311,8 +440,14 @@ def collect(cfg: StudyConfig, root: str, runs: list[Run], state: dict) -> dict:
                      "batch_size": sums[0]["batch_size_per_process"],
                      "num_val_samples": sums[0]["num_val_samples"],
                      "wall_s": [state["wall_s"].get(r.name) for r in members],
-                     "curves": [[e["val_top1"] for e in s["epochs"]] for s in sums],
+                     "steps": len(sums[0]["epochs"]) * (sums[0]["num_train_samples"] // sums[0]["batch_size_per_process"]),
+                     "settings": _settings_of(sums[0]),
+                     "curves": [_curve(s) for s in sums],
                      "runs": [r.name for r in members]})
+    chosen = choose(runs) if t.tune else {}
+    tuning = [{"method": r.method, "candidate": r.candidate.label, "fraction": r.fraction, "run": r.name,
+               "holdout_top1": _summary(r)["final_top1"], "num_val_samples": _summary(r)["num_val_samples"],
+               "chosen": chosen.get(r.method) == r.candidate} for r in runs if r.candidate is not None]
     synth = {}
     for r in runs:
         if r.tool == "invert":
@@ -322,36 +457,68 @@ def collect(cfg: StudyConfig, root: str, runs: list[Run], state: dict) -> dict:
     table = {"tier": cfg.tier, "data": cfg.data, "settings": {**dataclasses.asdict(t), "fractions": list(t.fractions)},
              "teacher": {"arch": t.teacher, "top1": teacher["teacher_top1"], "epochs": t.teacher_epochs,
                          "wall_s": state["wall_s"].get("teacher")},
-             "rows": rows, "synthetic": synth, "total_wall_s": round(sum(v for v in state["wall_s"].values() if v), 1),
+             "rows": rows, "tuning": tuning, "synthetic": synth,
+             "total_wall_s": round(sum(v for v in state["wall_s"].values() if v), 1),
              "machine": machine(), "date": time.strftime("%Y-%m-%d")}
     table["markdown"] = markdown(table)
     return table
+
+
+def _curve(summary: dict) -> list[list]:
+    """[[optimiser steps so far, validation top-1], ...] at every validated epoch of a run."""
+    per_epoch = summary["num_train_samples"] // summary["batch_size_per_process"]
+    return [[(e["epoch"] + 1) * per_epoch, e["val_top1"]] for e in summary["epochs"] if e["val_top1"] is not None]
+
+
+def _settings_of(summary: dict) -> str:
+    """The tuned settings a run used, as flags."""
+    a = summary["args"]
+    bits = [f"--lr {a['lr']:g}"]
+    if a.get("smoothing"):
+        bits.append(f"--smoothing {a['smoothing']:g}")
+    if summary["teacher"] is not None:
+        if a.get("distillation_type") == "soft":
+            bits.append(f"--distillation-type soft --tau {a['tau']:g}")
+        if a.get("align_standardize"):
+            bits.append("--align-standardize")
+    return " ".join(bits)
 
 
 def markdown(table: dict) -> str:
     s, m = table["settings"], table["machine"]
     fracs = s["fractions"]
     where = m["gpu"] or f"{m['cpu']}, {m['cores']} cores"
+    length = f"{s['steps']} optimiser steps per run" if s.get("steps") else f"{s['epochs']} epochs"
     lines = [f"# DearKD study: {data_name(table['data'])}, {table['tier']} tier", "",
-             f"Student `{s['model']}`, {s['epochs']} epochs, batch {s['batch_size']}, AdamW lr {s['lr']:g}, bf16 autocast; "
+             f"Student `{s['model']}`, {length}, batch {s['batch_size']}, AdamW, bf16 autocast; "
              f"teacher `{table['teacher']['arch']}` trained once for {table['teacher']['epochs']} epochs on the whole "
              f"training split: top-1 {table['teacher']['top1']:.2f}%. Top-1 (%) of the last epoch on "
              f"{table['rows'][0]['num_val_samples'] if table['rows'] else '?'} validation images "
              f"(class-balanced share {s['val_fraction']:g}), mean ± std over seeds (n per cell). "
              f"Machine: {where}; {table['date']}; all runs together {table['total_wall_s'] / 60:.1f} min.", "",
-             "| method | " + " | ".join(f"{f:.0%} data" for f in fracs) + " | epochs | wall s/run |",
-             "|---|" + "---|" * len(fracs) + "---|---|"]
+             "| method | " + " | ".join(f"{100 * f:g}% data" for f in fracs) + " | settings | epochs | wall s/run |",
+             "|---|" + "---|" * len(fracs) + "---|---|---|"]
     grid = [r for r in table["rows"] if not r["data_free"]]
     for method in METHODS:
-        cells, walls, epochs = [], [], ""
+        cells, walls, epochs, settings = [], [], [], ""
         for f in fracs:
             r = next((r for r in grid if r["method"] == method and r["fraction"] == f), None)
             cells.append(f"{r['top1_mean']:.2f} ± {r['top1_std']:.2f} (n={len(r['top1'])})" if r else "-")
             if r:
                 walls += [w for w in r["wall_s"] if w]
-                epochs = str(r["epochs"])
-        lines.append(f"| {method} | " + " | ".join(cells) + f" | {epochs} | {statistics.fmean(walls):.0f} |"
-                     if walls else f"| {method} | " + " | ".join(cells) + " | | |")
+                epochs.append(str(r["epochs"]))
+                settings = f"`{r['settings']}`" if r.get("settings") else ""
+        wall = f"{statistics.fmean(walls):.0f}" if walls else ""
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {settings} | {', '.join(epochs)} | {wall} |")
+    if table.get("tuning"):
+        tuning = table["tuning"]
+        lines += ["", f"Tuning: every candidate trained at {100 * tuning[0]['fraction']:g}% data (seed 0) and "
+                  f"validated on {tuning[0]['num_val_samples']} images held out of the training split (the test "
+                  f"split is not read); each method's best (**bold**) is used above, DearKD's also without stage 2 "
+                  f"and data-free.", "", "| method | candidate | hold-out top-1 |", "|---|---|---|"]
+        for r in tuning:
+            cell = f"**{r['holdout_top1']:.2f}**" if r["chosen"] else f"{r['holdout_top1']:.2f}"
+            lines.append(f"| {r['method']} | `{r['candidate']}` | {cell} |")
     df = [r for r in table["rows"] if r["data_free"]]
     if df:
         lines += ["", f"Data-free (students trained only on images synthesised from the teacher, "
@@ -413,13 +580,15 @@ def plot(root: str, table: dict) -> None:
     for ax, (title, rs) in zip(axes[0], panels):
         for r in rs:
             n = min(len(c) for c in r["curves"])
-            mean = [statistics.fmean(c[i] for c in r["curves"]) for i in range(n)]
-            ax.plot(range(1, n + 1), mean, marker=".", label=r["method"])
-            if r["stage_switch_epoch"] < r["epochs"] and r["stage_switch_epoch"] > 0:
-                ax.axvline(r["stage_switch_epoch"] + 0.5, color="gray", ls=":", lw=0.8)
+            steps = [p[0] for p in r["curves"][0][:n]]
+            mean = [statistics.fmean(c[i][1] for c in r["curves"]) for i in range(n)]
+            ax.plot(steps, mean, marker=".", label=r["method"])
+            if 0 < r["stage_switch_epoch"] < r["epochs"]:
+                per_epoch = r["num_train_samples"] // r["batch_size"]
+                ax.axvline(r["stage_switch_epoch"] * per_epoch, color="gray", ls=":", lw=0.8)
         ax.set_title(title)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("epoch")
+        ax.set_xlabel("optimiser step")
         ax.set_ylabel("validation top-1 (%)")
         ax.legend(fontsize=7)
     fig.tight_layout()

@@ -95,7 +95,7 @@ def test_a_non_finite_step_changes_nothing_and_is_counted():
     teacher = make_teacher(5)
     student = make_student(5, teacher=teacher)
     crit = train.DearKDLoss(torch.nn.CrossEntropyLoss(), teacher)
-    opt = engine.make_optimizer([{"params": list(student.parameters())}], 1e-3, torch.device("cpu"))
+    opt = engine.make_optimizer([{"params": list(student.parameters())}], 1e-3)
     step = engine.TrainStep(student, crit, opt, engine.cosine_schedule(opt, 0, 10), device=torch.device("cpu"))
     x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 5, (4,))
     step(x, y)

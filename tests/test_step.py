@@ -17,7 +17,7 @@ def _step(amp=False, amp_dtype=torch.bfloat16):
     teacher = make_teacher(10)
     student = make_student(10, teacher=teacher)
     crit = DearKDLoss(torch.nn.CrossEntropyLoss(), teacher)
-    opt = engine.make_optimizer([{"params": list(student.parameters())}], 1e-3, torch.device("cpu"))
+    opt = engine.make_optimizer([{"params": list(student.parameters())}], 1e-3)
     return engine.TrainStep(student, crit, opt, engine.cosine_schedule(opt, 0, 10), device=torch.device("cpu"),
                             amp=amp, amp_dtype=amp_dtype)
 

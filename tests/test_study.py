@@ -213,3 +213,84 @@ def test_a_study_killed_anywhere_and_restarted_at_once_ends_with_the_same_number
         continuations += len(lines) - 1
     assert fresh_starts == len(os.listdir(os.path.join(whole, "runs"))) and continuations <= kills
     assert not [f for d, _, fs in os.walk(root) for f in fs if ".tmp-" in f]
+
+
+LONG = ["--tier", "cpu-long", "--data", "digits", "--fractions", "0.5", "--seeds", "1", "--steps", "30",
+        "--teacher-epochs", "1", "--batch-size", "32", "--val-fraction", "0.5", "--workers", "0", "--no-data-free",
+        "--device", "cpu", "--no-progress"]
+
+
+def test_cpu_long_tunes_on_a_hold_out_never_reading_the_test_split(tmp_path, monkeypatch):
+    """The cpu-long tier shrunk to digits: every candidate of TUNING is trained and validated on images held out of
+    the training split (the test split is not scanned or loaded by any tuning run, and is by the final runs);
+    each method's final runs use its best candidate; every student at a fraction takes the same steps."""
+    from dearkd_fast import train
+    from dearkd_fast.data.folder import builtin_digits
+
+    train_dir, test_dir = builtin_digits()
+    seen: dict[str, dict] = {}  # run -> {"scanned": roots, "val": validation files}
+    current = {"run": None}
+    real_execute, real_build = study._execute, train.build_data
+
+    def execute(run, root, extra, state):
+        current["run"] = run.name
+        seen.setdefault(run.name, {"scanned": set(), "val": []})
+        return real_execute(run, root, extra, state)
+
+    import dearkd_fast.data as data_mod
+    scan = data_mod.scan_image_folder
+
+    def scanning(root, *a, **kw):
+        if current["run"]:
+            seen[current["run"]]["scanned"].add(os.path.realpath(root))
+        return scan(root, *a, **kw)
+
+    def building(*a, **kw):
+        bundle = real_build(*a, **kw)
+        seen[current["run"]]["val"] += [p for p, _ in bundle.val_files]
+        return bundle
+
+    monkeypatch.setattr(study, "_execute", execute)
+    monkeypatch.setattr(data_mod, "scan_image_folder", scanning)
+    monkeypatch.setattr(train, "build_data", building)
+    root = str(tmp_path / "long")
+    assert study.main(LONG + ["--output", root]) == 0
+    with open(os.path.join(root, "table.json")) as f:
+        table = json.load(f)
+
+    test_root = os.path.realpath(test_dir)
+    tuning = [n for n in seen if n.startswith("tune-")]
+    assert len(tuning) == sum(len(c) for c in study.TUNING.values()) == len(table["tuning"])
+    for name in tuning:
+        assert test_root not in seen[name]["scanned"], name
+        assert seen[name]["val"] and all(os.path.realpath(p).startswith(os.path.realpath(train_dir) + os.sep)
+                                         for p in seen[name]["val"]), name
+        assert summary(root, name)["args"]["val_data"] == "holdout"
+    finals = [n for n in seen if n != "teacher" and not n.startswith("tune-")]
+    assert len(finals) == len(study.METHODS)
+    for name in finals:
+        assert test_root in seen[name]["scanned"]
+        assert all(os.path.realpath(p).startswith(test_root + os.sep) for p in seen[name]["val"])
+    # the hold-out is disjoint from what the tuning runs train on, and the same for every candidate
+    s = summary(root, tuning[0])
+    assert s["num_train_samples"] < summary(root, "scratch-f0.5-s0")["num_train_samples"]
+    # each method's best candidate (by hold-out top-1) is the one its final runs use
+    for method, cands in study.TUNING.items():
+        rows = [r for r in table["tuning"] if r["method"] == method]
+        best = max(rows, key=lambda r: r["holdout_top1"])
+        assert [r["chosen"] for r in rows].count(True) == 1 and best["chosen"]
+        cand = cands[[r["candidate"] for r in rows].index(best["candidate"])]
+        for final in [method] + [m for m, src in study.TUNED_AS.items() if src == method]:
+            args = summary(root, f"{final}-f0.5-s0")["args"]
+            assert args["lr"] == cand.lr, final
+            assert args["align_standardize"] == ("--align-standardize" in cand.flags)
+            assert args["distillation_type"] == ("soft" if "soft" in cand.flags else "hard")
+            assert args["smoothing"] == (0.1 if "--smoothing" in cand.flags else 0.0)
+    # the same optimiser steps (at least --steps) for every student, the strong teacher's recipe for the teacher
+    steps = {r["method"]: r["steps"] for r in table["rows"]}
+    assert len(set(steps.values())) == 1 and min(steps.values()) >= 30
+    t = summary(root, "teacher")["args"]
+    assert t["teacher"] == "cifar_resnet9" and t["teacher_opt"] == "sgd" and t["batch_size"] == 512
+    with open(os.path.join(root, "table.md")) as f:
+        md = f.read()
+    assert "Tuning" in md and "hold-out" in md and md.count("| **") == len(study.TUNING)

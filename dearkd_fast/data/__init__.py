@@ -95,7 +95,7 @@ def _file_lists(cfg: DataConfig, seed: int, progress: bool):
                              workers=workers)
     skipped = list(scan.skipped)
     if source.val_dir is None:
-        train, val = holdout_split(scan.samples, cfg.holdout, seed)
+        train, val = holdout_split(scan.samples, cfg.holdout, 0)  # seed 0: one hold-out for every seed
     else:
         vscan = scan_image_folder(source.val_dir, allow_empty_classes=True, classes=scan.classes, progress=progress,
                                   workers=workers)

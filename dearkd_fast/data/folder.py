@@ -42,8 +42,10 @@ __all__ = [
     "builtin_cifar10",
     "resolve_data",
     "BUILTIN_SETS",
+    "HOLDOUT",
 ]
 
+HOLDOUT = "holdout"  # --val-data: a class-balanced share of the training images (data.holdout_split)
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
@@ -395,8 +397,8 @@ def resolve_data(data: str, val_data: str | None, progress: bool = True) -> Data
     """Map --data / --val-data to folders: a built-in set (`digits`, `cifar10[:DIR]`) or an ImageFolder path.
 
     A built-in name as --val-data means that set's validation split (e.g. train on synthetic images,
-    evaluate on real digits). For `cifar10` without a DIR the folder comes from the environment
-    variable DEARKD_CIFAR10_DIR.
+    evaluate on real digits); 'holdout' means a hold-out of the training split (no validation folder). For
+    `cifar10` without a DIR the folder comes from the environment variable DEARKD_CIFAR10_DIR.
     """
     name = builtin_name(data)
     if name is None:
@@ -404,6 +406,8 @@ def resolve_data(data: str, val_data: str | None, progress: bool = True) -> Data
     else:
         build, hflip = BUILTIN_SETS[name]
         source = DataSource(*build(data.partition(":")[2], progress), name, hflip)
+    if val_data == HOLDOUT:  # validate on images held out of the training split; its own split is not read
+        return DataSource(source.train_dir, None, source.name, source.hflip)
     if val_data is not None:
         vname = builtin_name(val_data)
         val_dir = BUILTIN_SETS[vname][0](val_data.partition(":")[2], progress)[1] if vname else val_data
