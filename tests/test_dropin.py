@@ -254,3 +254,46 @@ def test_ddp_keeps_projections_identical_across_ranks(tmp_path, find_unused):
 def test_teacher_of_a_bare_module_gets_a_spec():
     t = Teacher(CifarResNet(1, (8, 16, 32), num_classes=4))
     assert t.spec.num_classes == 4 and t.taps == ["layer1", "layer2"] and t.channels(32) == [8, 16]
+
+
+def _same_weights(a: nn.Module, b: nn.Module, skip: tuple = ()) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    keys = [k for k in sa if not k.startswith(skip)]
+    return set(keys) == {k for k in sb if not k.startswith(skip)} and all(torch.equal(sa[k], sb[k]) for k in keys)
+
+
+@pytest.mark.parametrize("name", ["dearkd_nano_patch4_32", "cifar_resnet8"])
+def test_pretrained_loads_the_given_source_through_timms_loader(name, tmp_path):
+    """pretrained=True with a local source, as timm users pass one: our student.pt / teacher.pt as
+    pretrained_cfg_overlay=dict(file=...) (the file's class count, strictly), timm's train.py route
+    (--pretrained-path: num_classes=-1, a new head of the asked size, every other tensor exact), and a
+    `local-dir:` folder written by timm's save_for_hf. No source: one line saying what to pass."""
+    from dearkd_fast.data import InputSpec
+    from dearkd_fast.errors import CheckpointError, InputError
+    from dearkd_fast.models.student import save_student
+    from dearkd_fast.models.teacher import TeacherSpec, save_teacher
+
+    trained = timm.create_model(name, num_classes=7)
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(torch.randn_like(p))  # not what a fresh model would draw
+    path = str(tmp_path / "weights.pt")
+    if name.startswith("dearkd_"):
+        save_student(trained, name, list("abcdefg"), InputSpec(), path)
+    else:
+        save_teacher(trained, TeacherSpec(name, 7, list("abcdefg"), 32, (0.5,) * 3, (0.5,) * 3), path)
+    loaded = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=path))
+    assert loaded.num_classes == 7 and _same_weights(trained, loaded)
+    assert _same_weights(trained, timm.create_model(name, pretrained=True, num_classes=7,
+                                                    pretrained_cfg_overlay=dict(file=path)))
+    heads = ("head", "fc")
+    adapted = timm.create_model(name, pretrained=True, num_classes=3, pretrained_cfg_overlay=dict(file=path, num_classes=-1))
+    assert adapted.num_classes == 3 and _same_weights(trained, adapted, skip=heads)
+    head = "head.weight" if name.startswith("dearkd_") else "fc.weight"
+    assert not torch.equal(adapted.state_dict()[head], trained.state_dict()[head][:3])  # a new head
+    timm.models.save_for_hf(trained, str(tmp_path / "hf"))
+    assert _same_weights(trained, timm.create_model(f"local-dir:{tmp_path / 'hf'}", pretrained=True))
+    with pytest.raises(InputError, match="no published weights exist; give a source"):
+        timm.create_model(name, pretrained=True)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path / "missing.pt")))

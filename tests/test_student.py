@@ -45,8 +45,8 @@ def test_timm_registered(name, size, dim):
         assert m(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
 
-def test_pretrained_refused():
-    with pytest.raises(ValueError, match="no pretrained weights"):
+def test_pretrained_without_a_source_is_refused_naming_what_to_pass():
+    with pytest.raises(ValueError, match="no published weights exist.*pretrained_cfg_overlay=dict.file=PATH"):
         timm.create_model("dearkd_tiny_patch4_32", pretrained=True)
 
 

@@ -26,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 from ..checkpoint import atomic_save, load_model_file
 from ..config import IMAGENET_MEAN, IMAGENET_STD
 from ..errors import CheckpointError, InputError
+from .weights import pretrained_kwargs
 
 __all__ = ["MHCA", "Attention", "Block", "DearKDViT", "DistilledOutput", "relative_positions", "kernel_offsets",
            "align_pairing", "save_student", "load_student", "student_state_dict"]
@@ -516,8 +517,7 @@ default_cfgs = generate_default_cfgs({
 
 def _create(variant: str, pretrained: bool, defaults: dict, kwargs: dict) -> DearKDViT:
     """Build a registered variant through timm's builder: its defaults, overridden by the caller's kwargs."""
-    if pretrained:
-        raise InputError(f"{variant}: no pretrained weights exist; train it or load a checkpoint file")
+    kwargs = pretrained_kwargs(variant, pretrained, kwargs, ("head", "head_dist"))
     return build_model_with_cfg(DearKDViT, variant, pretrained, feature_cfg=dict(out_indices=3, feature_cls="getter"),
                                 **{**defaults, **kwargs})
 

@@ -22,6 +22,7 @@ from torch import Tensor
 from ..checkpoint import atomic_save, load_model_file
 from ..config import IMAGENET_MEAN, IMAGENET_STD
 from ..errors import CheckpointError, InputError
+from .weights import pretrained_kwargs
 
 __all__ = [
     "CifarResNet",
@@ -196,8 +197,7 @@ default_cfgs = generate_default_cfgs({
 
 
 def _cifar(variant: str, blocks, widths: Tuple[int, int, int], pretrained: bool, kwargs: dict) -> CifarResNet:
-    if pretrained:
-        raise InputError("cifar_resnet: no pretrained weights exist; train the teacher (--teacher-epochs)")
+    kwargs = pretrained_kwargs(variant, pretrained, kwargs, "fc")
     return build_model_with_cfg(CifarResNet, variant, pretrained, feature_cfg=dict(out_indices=(0, 1, 2, 3)),
                                 blocks_per_stage=blocks, widths=widths, **kwargs)
 
