@@ -11,9 +11,10 @@ from .models import student as _student  # noqa: F401  (timm registration)
 from .models import teacher as _teacher  # noqa: F401  (timm registration)
 from .models.student import DearKDViT, DistilledOutput, load_student, save_student
 from .models.teacher import Teacher, TeacherSpec, create_classifier, load_teacher, save_teacher
+from .task import DearKDTask
 
 __version__ = "0.1.0"
-__all__ = ["DearKDError", "InputError", "RunError", "TrainConfig", "InvertConfig", "DearKDLoss", "DeepInversionHook",
-           "DeepInversionLoss", "SupervisedLoss", "DearKDViT", "DistilledOutput", "Teacher", "TeacherSpec",
-           "create_classifier", "load_teacher", "save_teacher",
-           "load_student", "save_student", "ops", "reference", "__version__"]
+__all__ = ["DearKDError", "InputError", "RunError", "TrainConfig", "InvertConfig", "DearKDLoss", "DearKDTask",
+           "DeepInversionHook", "DeepInversionLoss", "SupervisedLoss", "DearKDViT", "DistilledOutput", "Teacher",
+           "TeacherSpec", "create_classifier", "load_teacher", "save_teacher", "load_student", "save_student", "ops",
+           "reference", "__version__"]
