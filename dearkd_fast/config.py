@@ -26,7 +26,7 @@ __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "SMALL_IMAGE_MAX", "InversionPreset", "SizePreset", "PRESETS", "preset_for",
     "INVERSION", "OBJECTIVES", "inversion_preset",
     "RunConfig", "DataConfig", "stage_switch", "TrainConfig", "InvertConfig", "SynthesisSettings", "build_parser",
-    "from_argv", "flag_table", "flat", "StudyTier", "STUDY_TIERS", "StudyConfig", "NativeConfig",
+    "from_argv", "flag_table", "flat", "StudyTier", "STUDY_TIERS", "StudyConfig", "EvalConfig", "NativeConfig",
 ]
 
 # ImageNet normalisation: the statistics of every registered model of this project (timm's defaults too)
@@ -323,6 +323,13 @@ class TrainConfig:
     eval_every: int = flag(1, "validate after every N-th epoch and after the last epoch of each stage",
                            group="optimisation")
     max_norm: float | None = flag(None, "gradient clipping norm", group="optimisation")
+    model_ema: bool = flag(False, "keep an exponential moving average of the student (timm's ModelEmaV3), validated "
+                           "each epoch beside it and written to student_ema.pt", group="optimisation")
+    model_ema_decay: float = flag(0.9998, "decay of --model-ema per step", group="optimisation")
+    finetune: str | None = flag(None, "start the student from this student.pt with a fresh head (a new data set; "
+                                "DeiT's --finetune)", group="models")
+    drop_path: float | None = flag(None, "stochastic depth rate of the student's last block (default: the model's)",
+                                   group="models")
     alpha: float = flag(0.5, "weight of KD against CE in stage 1", group="distillation")
     beta: float = flag(1.0, "weight of the feature-alignment losses", group="distillation")
     distillation_type: str = flag("hard", "`hard` (CE on teacher argmax) or `soft` (KL at --tau)", group="distillation",
@@ -344,6 +351,10 @@ class TrainConfig:
     def __post_init__(self):
         _check(self.checkpoint_every >= 0, f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
         _check(self.eval_every >= 1, f"--eval-every must be >= 1, got {self.eval_every}")
+        _finite("--model-ema-decay", self.model_ema_decay, low=0.0, low_open=True, high=1.0)
+        _check(self.model_ema_decay < 1.0, "--model-ema-decay must be < 1 (1 would never move)")
+        _finite("--drop-path", self.drop_path, low=0.0)
+        _check(self.drop_path is None or self.drop_path < 1.0, f"--drop-path must be < 1, got {self.drop_path}")
         _check(self.keep_checkpoints >= 1, f"--keep-checkpoints must be >= 1, got {self.keep_checkpoints}")
         _check(self.max_bad_steps >= 0, f"--max-bad-steps must be >= 0, got {self.max_bad_steps}")
         _check(not (self.checkpoint_every and self.data.uses_dali), "--checkpoint-every needs the torchvision loader: DALI "
@@ -554,6 +565,25 @@ class InvertConfig:
 
 # ---------------------------------------------------------------------------------------------- parsing
 
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+    """Every setting of python -m dearkd_fast.eval: a student.pt on a validation split."""
+
+    checkpoint: str = flag("", "student.pt (or student_ema.pt) written by the trainer", group="eval")
+    data: DataConfig = field(default_factory=DataConfig)
+    batch_size: int = flag(128, "images per forward (the trainer validates with twice its --batch-size)", group="eval")
+    json: str | None = flag(None, "also write the results to this JSON file", group="eval")
+    device: str = flag("auto", "auto, cpu, cuda, cuda:N", group="run")
+    amp: bool = flag(False, "autocast (bf16 unless --amp-dtype), as the run validated with --amp", group="run")
+    amp_dtype: str = flag("bfloat16", "autocast dtype", group="run", choices=("bfloat16", "float16"))
+    no_progress: bool = flag(False, "no progress bar", group="run")
+
+    def __post_init__(self):
+        _check(bool(self.checkpoint), "--checkpoint is required (a student.pt)")
+        _check(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
+        resolve_device(self.device)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -806,7 +836,8 @@ def flag_table(cls) -> str:
     return "\n".join(rows) + "\n"
 
 
-TOOL_CONFIGS = {"train": TrainConfig, "invert": InvertConfig, "study": StudyConfig, "native": NativeConfig}
+TOOL_CONFIGS = {"train": TrainConfig, "invert": InvertConfig, "eval": EvalConfig, "study": StudyConfig,
+                "native": NativeConfig}
 
 if __name__ == "__main__":  # python -m dearkd_fast.config train|invert|study|native: the README's flag table of a tool
     import sys

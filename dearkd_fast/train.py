@@ -21,6 +21,7 @@ import numpy as np
 import timm
 import torch
 import torch.nn as nn
+from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
 from . import config, distributed, engine, ops
@@ -36,7 +37,7 @@ from .models.teacher import Teacher, TeacherSpec, check_teacher_arch, create_tea
 
 PROG = "dearkd_fast.train"
 DESCRIPTION = __doc__.split("\n\n")[0]
-RUN_FILES = ("summary.json", "metrics.jsonl", "checkpoint.pt", "student.pt", "teacher.pt")
+RUN_FILES = ("summary.json", "metrics.jsonl", "checkpoint.pt", "student.pt", "student_ema.pt", "teacher.pt")
 # flags that may differ on --resume without making the result inconsistent (--epochs may also grow)
 RESUME_FREE = frozenset({"output", "resume", "overwrite", "workers", "no_progress", "device", "compile", "compile_mode",
                          "backend", "checkpoint_every", "keep_checkpoints", "max_bad_steps", "deterministic"})
@@ -66,6 +67,7 @@ class Student:
     records: list[dict] = field(default_factory=list)
     start_epoch: int = 0
     resume_state: dict | None = None  # the epoch state of a mid-epoch checkpoint
+    ema: nn.Module | None = None  # --model-ema: timm's ModelEmaV3 of the student (projections included)
 
 
 # ---------------------------------------------------------------------------------------------- steps
@@ -107,6 +109,10 @@ def check_inputs(cfg: TrainConfig) -> tuple[OutputFolder, dict | None]:
         if not os.path.isfile(cfg.teacher_ckpt):
             raise InputError(f"--teacher-ckpt '{cfg.teacher_ckpt}' does not exist")
         load_teacher(cfg.teacher_ckpt)  # readable and whole, or refused (CheckpointError) before any data is read
+    if cfg.finetune is not None:
+        arch = finetune_weights(cfg.finetune)[0]
+        if arch != cfg.model:
+            raise InputError(f"--finetune '{cfg.finetune}' holds a {arch}, not the --model {cfg.model}")
     if cfg.run.backend != "auto":
         ops.resolve_backend(cfg.run.backend, torch.empty(0, device=cfg.run.torch_device))  # fail now, not mid-epoch
     out = OutputFolder.open(cfg.output, PROG, resume=cfg.run.resume, overwrite=cfg.run.overwrite,
@@ -131,6 +137,17 @@ def check_resume_args(stored: dict, now: dict) -> None:
     if switch[0] != switch[1]:
         raise InputError(f"--resume: more --epochs would move the stage switch from epoch {switch[0]} to {switch[1]}; "
                          f"pass --stage1-epochs {switch[0]} to keep it")
+
+
+def finetune_weights(path: str) -> tuple[str, dict]:
+    """(arch, weights) of a --finetune student.pt; InputError / CheckpointError for a missing or bad file."""
+    from .checkpoint import load_model_file
+    from .models.student import STUDENT_FORMAT
+
+    if not os.path.isfile(path):
+        raise InputError(f"--finetune '{path}' does not exist")
+    ck = load_model_file(path, "student", STUDENT_FORMAT)
+    return ck["arch"], ck["model"]
 
 
 def is_student(name: str) -> bool:
@@ -200,7 +217,14 @@ def build_student(cfg: TrainConfig, num_classes: int, teacher: Teacher | None, s
                   device: torch.device) -> Student:
     """The student (in distilled training, with alignment projections sized from the teacher's taps), its
     DearKD criterion, AdamW over the student and the per-step warm-up + cosine schedule."""
-    model = timm.create_model(cfg.model, num_classes=num_classes).to(device)
+    extra = {"drop_path_rate": cfg.drop_path} if cfg.drop_path is not None else {}
+    model = timm.create_model(cfg.model, num_classes=num_classes, **extra).to(device)
+    if cfg.finetune is not None:  # every trained tensor but the two heads, which start afresh for these classes
+        body = {k: v for k, v in finetune_weights(cfg.finetune)[1].items() if not k.startswith(("head.", "head_dist."))}
+        missing, unexpected = model.load_state_dict(body, strict=False)
+        if unexpected or any(not k.startswith(("head.", "head_dist.")) for k in missing):
+            raise CheckpointError(f"--finetune '{cfg.finetune}' does not fit {cfg.model} "
+                                  f"({(unexpected or missing)[0]})")
     model.set_distilled_training(True)
     if teacher is not None and cfg.beta > 0:
         model.set_alignment(teacher.channels())
@@ -213,7 +237,8 @@ def build_student(cfg: TrainConfig, num_classes: int, teacher: Teacher | None, s
     step = engine.TrainStep(wrap(model, device), criterion, optimizer, scheduler, device=device, amp=cfg.run.amp,
                             amp_dtype=cfg.run.autocast_dtype, max_norm=cfg.max_norm, compile=cfg.run.compile,
                             compile_mode=cfg.run.compile_mode)
-    return Student(model, criterion, optimizer, scheduler, step, steps_per_epoch)
+    ema = ModelEmaV3(model, decay=cfg.model_ema_decay) if cfg.model_ema else None
+    return Student(model, criterion, optimizer, scheduler, step, steps_per_epoch, ema=ema)
 
 
 def resume(out: OutputFolder, s: Student, ck: dict | None) -> None:
@@ -229,6 +254,8 @@ def resume(out: OutputFolder, s: Student, ck: dict | None) -> None:
             s.scheduler.load_state_dict(ck["scheduler"])
             if s.step.scaler is not None and ck.get("scaler"):
                 s.step.scaler.load_state_dict(ck["scaler"])
+            if s.ema is not None:
+                s.ema.load_state_dict(ck["ema"], strict=True)
             set_rng_state(rng)
         except (RuntimeError, ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"--resume: checkpoint.pt in '{out.root}' does not fit this model "
@@ -260,6 +287,8 @@ def fit(cfg: TrainConfig, out: OutputFolder, s: Student, data: DataBundle, teach
             t0, calls0 = time.time(), teacher.calls if teacher is not None else 0
 
             def after_step(st: engine.EpochState, epoch: int = epoch) -> None:
+                if s.ema is not None:
+                    s.ema.update(getattr(s.model, "module", s.model), step=epoch * s.steps_per_epoch + st.step)
                 signum = agreed_stop(stop.signum, st.step, device)
                 due = cfg.checkpoint_every and (epoch * s.steps_per_epoch + st.step) % cfg.checkpoint_every == 0
                 if signum or due:  # one checkpoint when both fall on this step
@@ -273,6 +302,9 @@ def fit(cfg: TrainConfig, out: OutputFolder, s: Student, data: DataBundle, teach
             train_time = time.time() - t0
             val = engine.evaluate(s.model, data.val, device=device, amp=cfg.run.amp, amp_dtype=cfg.run.autocast_dtype,
                                   progress=cfg.run.progress) if cfg.evaluates(epoch) else NOT_EVALUATED
+            if s.ema is not None and cfg.evaluates(epoch):
+                val["top1_ema"] = engine.evaluate(s.ema.module, data.val, device=device, amp=cfg.run.amp,
+                                                  amp_dtype=cfg.run.autocast_dtype, progress=cfg.run.progress)["top1"]
             record_epoch(cfg, out, s, data, {"epoch": epoch, "stage": stage, "train": train, **val},
                          train_time, (teacher.calls - calls0) if teacher is not None else 0)
             save_checkpoint(cfg, out, s, data, epoch, None)
@@ -288,6 +320,8 @@ def record_epoch(cfg: TrainConfig, out: OutputFolder, s: Student, data: DataBund
     rec = {"epoch": r["epoch"], "stage": r["stage"], "train": train, "val_top1": r["top1"], "val_top5": r["top5"],
            "val_loss": r["loss"], "num_val_samples": r["num_samples"], "train_time_s": round(train_time, 3),
            "images_per_s": round(data.num_train / max(train_time, 1e-9), 1), "teacher_calls": teacher_calls}
+    if s.ema is not None:
+        rec["val_top1_ema"] = r.get("top1_ema")
     s.records.append(rec)
     if DIST.main:
         with open(out.path("metrics.jsonl"), "a") as f:
@@ -295,6 +329,8 @@ def record_epoch(cfg: TrainConfig, out: OutputFolder, s: Student, data: DataBund
     terms = "  ".join(f"{k} {v:.4f}" for k, v in train.items() if k not in ("lr", "skipped_steps"))
     skipped = f", {train['skipped_steps']} non-finite steps skipped" if train["skipped_steps"] else ""
     val = f"val top-1 {r['top1']:.2f}%" if r["top1"] is not None else "not validated"
+    if r.get("top1_ema") is not None:
+        val += f" (EMA {r['top1_ema']:.2f}%)"
     log(f"epoch {r['epoch'] + 1}/{cfg.epochs} stage {r['stage']}  {terms}  {val}  ({train_time:.1f}s{skipped})")
 
 
@@ -313,7 +349,8 @@ def save_checkpoint(cfg: TrainConfig, out: OutputFolder, s: Student, data: DataB
           "student": s.model.state_dict(), "optimizer": s.optimizer.state_dict(), "scheduler": s.scheduler.state_dict(),
           "records": s.records, "rng": rngs if DIST.active else rngs[0], "args": config.flat(cfg),
           "classes": data.classes, "world_size": DIST.world_size,
-          "scaler": s.step.scaler.state_dict() if s.step.scaler is not None else None}
+          "scaler": s.step.scaler.state_dict() if s.step.scaler is not None else None,
+          "ema": s.ema.state_dict() if s.ema is not None else None}
     if cfg.keep_checkpoints == 1:
         atomic_save(ck, out.path("checkpoint.pt"))
         return
@@ -340,12 +377,15 @@ def finalise(cfg: TrainConfig, out: OutputFolder, s: Student | None, data: DataB
     student fields are None."""
     if DIST.main and s is not None:
         save_student(s.model, cfg.model, data.classes, inputs, out.path("student.pt"))
+        if s.ema is not None:
+            save_student(s.ema.module, cfg.model, data.classes, inputs, out.path("student_ema.pt"))
     records = s.records if s is not None else []
     stage1 = [r for r in records if r["stage"] == 1]
     skipped = data.all_skipped()
     summary = {
         "final_top1": records[-1]["val_top1"] if records else None,
         "final_top5": records[-1]["val_top5"] if records else None,
+        "final_top1_ema": records[-1].get("val_top1_ema") if records else None,
         "best_top1": max(r["val_top1"] for r in records if r["val_top1"] is not None) if records else None,
         "stage1_top1": stage1[-1]["val_top1"] if stage1 else None,
         "teacher_top1": teacher.spec.top1 if teacher is not None else None,
@@ -499,6 +539,8 @@ def print_table(s: dict) -> None:
     rows = [("teacher " + (s["teacher"] or "(none)"), pct(s["teacher_top1"])),
             (f"student {s['model']} after stage 1", pct(s["stage1_top1"])),
             (f"student {s['model']} final", pct(s["final_top1"]))]
+    if s.get("final_top1_ema") is not None:
+        rows.append((f"student {s['model']} EMA", pct(s["final_top1_ema"])))
     w = max(len(r[0]) for r in rows)
     print(f"\n{'model':<{w}}  top-1 ({s['data']} val, {s['num_val_samples']} images)")
     for name, v in rows:

@@ -15,7 +15,8 @@ from dearkd_fast.cli import OutputFolder
 from dearkd_fast.testing import make_student, make_teacher
 
 FLAGS = ["--data-fraction", "0.12", "--batch-size", "32", "--workers", "0", "--no-progress", "--warmup-epochs", "0",
-         "--epochs", "3", "--stage1-epochs", "2", "--deterministic", "--checkpoint-every", "2", "--mixup", "0.2"]
+         "--epochs", "3", "--stage1-epochs", "2", "--deterministic", "--checkpoint-every", "2", "--mixup", "0.2",
+         "--model-ema", "--model-ema-decay", "0.9"]
 UNTIMED = ("train_time_s", "images_per_s", "teacher_calls")
 
 # the trainer in a child process, SIGKILLed (or sent SIGINT) at its N-th training step, after the forward
@@ -49,12 +50,17 @@ def _child(tmp_path, name, sig, at, *extra):
 
 
 def _same_run(a, b):
-    wa = torch.load(a / "student.pt", weights_only=True)["model"]
-    wb = torch.load(b / "student.pt", weights_only=True)["model"]
-    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    """The same student and EMA weights, the same epoch records (EMA top-1 included) and final top-1."""
+    for name in ("student.pt", "student_ema.pt"):
+        wa = torch.load(a / name, weights_only=True)["model"]
+        wb = torch.load(b / name, weights_only=True)["model"]
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), name
+    ema, model = (torch.load(a / n, weights_only=True)["model"] for n in ("student_ema.pt", "student.pt"))
+    assert any(not torch.equal(ema[k], model[k]) for k in ema)  # the average is not the model
     sa, sb = (json.loads((d / "summary.json").read_text()) for d in (a, b))
     strip = [[{k: v for k, v in r.items() if k not in UNTIMED} for r in s["epochs"]] for s in (sa, sb)]
     assert strip[0] == strip[1] and sa["final_top1"] == sb["final_top1"]
+    assert all(r["val_top1_ema"] is not None for r in sa["epochs"]) and sa["final_top1_ema"] == sb["final_top1_ema"]
 
 
 @pytest.mark.slow

@@ -134,7 +134,7 @@ def test_process_exit_code_and_single_line(tmp_path):
     assert r.stderr.strip().count("\n") == 0 and "does not exist" in r.stderr
 
 
-@pytest.mark.parametrize("tool", ["train", "invert", "study", "native"])
+@pytest.mark.parametrize("tool", ["train", "invert", "eval", "study", "native"])
 def test_readme_flag_table_is_the_configs(tool):
     """The README's flag table of each tool is exactly what its config generates (python -m dearkd_fast.config)."""
     from dearkd_fast import config
