@@ -250,6 +250,11 @@ class DataConfig:
     hflip: float | None = flag(None, "horizontal flip probability (default: the built-in set's, 0 on digits; else 0.5)",
                                group="data")
     randaug: str | None = flag(None, "timm RandAugment string, e.g. rand-m9-mstd0.5 (DALI: rand-mM-nN only)", group="data")
+    reprob: float = flag(0.0, "random erasing probability (timm's RandomErasing; DeiT: 0.25)", group="data")
+    remode: str = flag("pixel", "random erasing fill: const (zeros), rand (per channel), pixel (per pixel)",
+                       group="data", choices=("const", "rand", "pixel"))
+    aug_repeats: int = flag(1, "repeated augmentation: each drawn image N times per epoch, its copies on different "
+                            "ranks, the epoch as long (DeiT: 3)", group="data")
     holdout: float = 0.1  # held-out share of --data when no validation folder exists
     eval_batch_size: int | None = None  # default: twice the training batch
     pad_crop: bool | None = None  # default: the size preset's
@@ -263,6 +268,11 @@ class DataConfig:
         _finite("--resident-max-gb", self.resident_max_gb, low=0.0, low_open=True)
         _check(not (self.dali and self.loader_choice not in ("auto", "dali")),
                f"--dali and --loader {self.loader_choice} disagree; give one of them")
+        _finite("--reprob", self.reprob, low=0.0, high=1.0)
+        _check(self.remode in ("const", "rand", "pixel"), f"--remode must be const, rand or pixel, got {self.remode}")
+        _check(self.aug_repeats >= 1, f"--aug-repeats must be >= 1, got {self.aug_repeats}")
+        _check(not ((self.reprob > 0 or self.aug_repeats > 1) and self.loader == "dali"),
+               "--reprob and --aug-repeats need --loader torch or resident (not DALI)")
         _check(not (self.randaug and self.loader_choice == "resident"),
                "--randaug needs --loader torch or dali (the resident loader augments with pad-and-crop and flips only)")
         if self.randaug:  # read now (not at the first batch); the same reading for both loaders
@@ -317,6 +327,8 @@ class TrainConfig:
                                      group="optimisation")
     batch_size: int = flag(64, "per step", group="optimisation")
     lr: float = flag(1e-3, "AdamW peak learning rate", group="optimisation")
+    lr_base_batch: int | None = flag(None, "scale --lr by the global batch over this (DeiT: 512, lr 5e-4 x "
+                                     "batch / 512); default: --lr as given", group="optimisation")
     min_lr_ratio: float = flag(0.01, "cosine floor, as a share of --lr", group="optimisation")
     weight_decay: float = flag(0.05, "AdamW (not on norms, biases, tokens, position embeddings)", group="optimisation")
     warmup_epochs: int = flag(2, "linear warm-up", group="optimisation")
@@ -350,6 +362,8 @@ class TrainConfig:
 
     def __post_init__(self):
         _check(self.checkpoint_every >= 0, f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
+        _check(self.lr_base_batch is None or self.lr_base_batch >= 1,
+               f"--lr-base-batch must be >= 1, got {self.lr_base_batch}")
         _check(self.eval_every >= 1, f"--eval-every must be >= 1, got {self.eval_every}")
         _finite("--model-ema-decay", self.model_ema_decay, low=0.0, low_open=True, high=1.0)
         _check(self.model_ema_decay < 1.0, "--model-ema-decay must be < 1 (1 would never move)")

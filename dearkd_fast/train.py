@@ -139,6 +139,11 @@ def check_resume_args(stored: dict, now: dict) -> None:
                          f"pass --stage1-epochs {switch[0]} to keep it")
 
 
+def effective_lr(cfg: TrainConfig, world_size: int) -> float:
+    """--lr, or with --lr-base-batch N DeiT's scaling: lr x (batch x processes) / N."""
+    return cfg.lr * cfg.batch_size * world_size / cfg.lr_base_batch if cfg.lr_base_batch else cfg.lr
+
+
 def finetune_weights(path: str) -> tuple[str, dict]:
     """(arch, weights) of a --finetune student.pt; InputError / CheckpointError for a missing or bad file."""
     from .checkpoint import load_model_file
@@ -231,7 +236,7 @@ def build_student(cfg: TrainConfig, num_classes: int, teacher: Teacher | None, s
     criterion = DearKDLoss(base_criterion(cfg), teacher, cfg.distillation_type if teacher is not None else "none",
                            cfg.alpha, cfg.tau, beta=cfg.beta, standardize_target=cfg.align_standardize,
                            backend=cfg.run.backend)
-    optimizer = engine.make_optimizer(param_groups([model], cfg.weight_decay), cfg.lr)
+    optimizer = engine.make_optimizer(param_groups([model], cfg.weight_decay), effective_lr(cfg, DIST.world_size))
     scheduler = engine.cosine_schedule(optimizer, cfg.warmup_epochs * steps_per_epoch, cfg.epochs * steps_per_epoch,
                                        cfg.min_lr_ratio)
     step = engine.TrainStep(wrap(model, device), criterion, optimizer, scheduler, device=device, amp=cfg.run.amp,
@@ -405,6 +410,7 @@ def finalise(cfg: TrainConfig, out: OutputFolder, s: Student | None, data: DataB
         "world_size": DIST.world_size,
         "batch_size_per_process": cfg.batch_size,
         "global_batch_size": cfg.batch_size * DIST.world_size,
+        "lr_effective": effective_lr(cfg, DIST.world_size),
         "args": config.flat(cfg),
     }
     if DIST.main:

@@ -135,3 +135,52 @@ def test_builtin_sets_default_to_the_resident_loader():
     data = folder_data("digits", "auto", batch_size=8)
     assert isinstance(data.train, R) and isinstance(data.val, R)
     assert not isinstance(folder_data("digits", "torch", batch_size=8).train, R)
+
+
+def test_repeated_augmentation_covers_each_drawn_sample_r_times_across_two_ranks():
+    """--aug-repeats 3 (DeiT's): over two ranks, an epoch as long as without it, made of whole groups of 3 copies of
+    n/3 distinct samples, copies on both ranks and each with its own augmentation seed; the torchvision and the
+    resident loaders take the same order."""
+    from collections import Counter
+
+    from dearkd_fast.data.torchvision import EpochSampler
+
+    n, bs, R = 48, 4, 3
+    plain = [list(EpochSampler(n, bs, seed=1, rank=r, world_size=2)) for r in range(2)]
+    ranks = [list(EpochSampler(n, bs, seed=1, rank=r, world_size=2, repeats=R)) for r in range(2)]
+    assert [len(x) for x in ranks] == [len(x) for x in plain] == [24, 24]
+    counts = Counter(i for r in ranks for i, _ in r)
+    assert set(counts.values()) == {R} and len(counts) == 2 * 24 // R
+    assert {i for i, _ in ranks[0]} & {i for i, _ in ranks[1]}  # copies land on both ranks
+    seeds = [s for r in ranks for _, s in r]
+    assert len(set(seeds)) == len(seeds)  # every copy its own augmentation
+    images, labels = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 3, 2, 2).clone(), torch.arange(n)
+    for r in range(2):
+        res = ResidentLoader(images, labels, batch_size=bs, train=True, mean=(0,) * 3, std=(1,) * 3, seed=1, rank=r,
+                             world_size=2, repeats=R)
+        assert [i for _, y in res for i in y.tolist()] == [i for i, _ in ranks[r]]
+
+
+def test_random_erasing_on_the_resident_batch(tmp_path):
+    """--reprob: about that share of images get one rectangle of 2-33 % of the area replaced (zeros for 'const',
+    noise for 'pixel'), the rest untouched; draws from the batch's generator (the same batch, the same erasing)."""
+    from dearkd_fast.data.resident import random_erase
+
+    x = torch.ones(400, 3, 32, 32)
+    out = random_erase(x, 0.5, "const", torch.Generator().manual_seed(0))
+    changed = (out != x).any(1)  # [B, H, W]
+    erased = changed.flatten(1).any(1)
+    assert 0.4 < erased.float().mean() < 0.6
+    share = changed[erased].flatten(1).float().mean(1)
+    assert share.min() >= 0.015 and share.max() <= 0.36  # 2-33 %, sides rounded to whole pixels
+    rows, cols = changed[erased].any(2), changed[erased].any(1)  # a rectangle: its area is its rows x its columns
+    assert torch.equal(changed[erased].flatten(1).sum(1), rows.sum(1) * cols.sum(1))
+    assert torch.equal(out, random_erase(x, 0.5, "const", torch.Generator().manual_seed(0)))
+    noisy = random_erase(x, 1.0, "pixel", torch.Generator().manual_seed(1))
+    assert (noisy != x).any(1).flatten(1).any(1).all() and noisy[noisy != 1].std() > 0.5
+    _random_folder(tmp_path / "d")
+    root = str(tmp_path / "d")
+    for loader in ("resident", "torch"):
+        data = folder_data(root, loader, val_source=root, batch_size=4, workers=0, reprob=1.0, remode="const")
+        x, _ = next(iter(data.train))
+        assert ((x == 0).all(1).flatten(1).any(1)).all(), loader  # every image has an erased (zero) patch

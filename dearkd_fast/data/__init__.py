@@ -155,7 +155,8 @@ def build_data(cfg: DataConfig, inputs: InputSpec, *, batch_size: int, seed: int
 
         common = dict(inputs=inputs, seed=seed, pad_crop=pad_crop, hflip=hflip, rank=rank, world_size=world_size,
                       device=device, progress=progress, max_bytes=int(cfg.resident_max_gb * 2**30))
-        train = build_resident_loader(train_samples, batch_size=batch_size, train=True, **common)
+        train = build_resident_loader(train_samples, batch_size=batch_size, train=True, reprob=cfg.reprob,
+                                      remode=cfg.remode, repeats=cfg.aug_repeats, **common)
         val = build_resident_loader(val_samples, batch_size=ebs, train=False, **common)
     elif loader == "dali":
         from .dali import build_dali_loader
@@ -167,8 +168,10 @@ def build_data(cfg: DataConfig, inputs: InputSpec, *, batch_size: int, seed: int
         val = build_dali_loader(val_samples, batch_size=ebs, train=False, **common)
     else:
         common = dict(workers=cfg.workers, seed=seed, rank=rank, world_size=world_size, pin_memory=device.type == "cuda")
-        ttf = train_transform(inputs, pad_crop=pad_crop, hflip=hflip, randaug=cfg.randaug)
-        train = DeviceLoader(build_torch_loader(train_samples, ttf, batch_size=batch_size, train=True, **common), device)
+        ttf = train_transform(inputs, pad_crop=pad_crop, hflip=hflip, randaug=cfg.randaug, reprob=cfg.reprob,
+                              remode=cfg.remode)
+        train = DeviceLoader(build_torch_loader(train_samples, ttf, batch_size=batch_size, train=True,
+                                                repeats=cfg.aug_repeats, **common), device)
         val = DeviceLoader(build_torch_loader(val_samples, eval_transform(inputs), batch_size=ebs, train=False, **common),
                            device)
     return DataBundle(train=train, val=val, classes=scan.classes, name=source.name, train_files=train_samples,

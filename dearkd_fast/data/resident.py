@@ -27,7 +27,7 @@ from .augment import pad_size
 from .folder import cache_root, load_rgb
 from .torchvision import EpochSampler, shard_bounds
 
-__all__ = ["ResidentLoader", "build_resident_loader", "resident_pixels", "decoded_bytes"]
+__all__ = ["ResidentLoader", "build_resident_loader", "resident_pixels", "decoded_bytes", "random_erase"]
 
 
 def decoded_bytes(n: int, size: int) -> int:
@@ -99,16 +99,17 @@ class ResidentLoader:
 
     def __init__(self, images: Tensor, labels: Tensor, *, batch_size: int, train: bool, mean, std, seed: int = 0,
                  pad: int = 0, hflip: float = 0.0, rank: int = 0, world_size: int = 1, device="cpu",
-                 missing: list[str] | None = None):
+                 missing: list[str] | None = None, reprob: float = 0.0, remode: str = "pixel", repeats: int = 1):
         self.device = torch.device(device)
         self.images = images.to(self.device)
         self.labels = labels.to(self.device)
         self.batch_size, self.train, self.seed, self.pad, self.hflip = batch_size, train, seed, pad, hflip
+        self.reprob, self.remode = reprob, remode
         self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1)
         self.missing: set[str] = set(missing or ())
         n = images.shape[0]
-        self.sampler = EpochSampler(n, batch_size, seed, rank, world_size) if train else None
+        self.sampler = EpochSampler(n, batch_size, seed, rank, world_size, repeats) if train else None
         self.shard = shard_bounds(n, rank, world_size)
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
@@ -155,11 +156,40 @@ class ResidentLoader:
             batch = s.start + k  # the batch's index within the epoch: its draws do not depend on where a run resumed
             g = torch.Generator().manual_seed((self.seed * 1_000_003 + s.epoch) * 1_000_003 + batch)
             idx = order[k * self.batch_size:(k + 1) * self.batch_size].to(self.device)
-            yield self._normalise(self._augment(self.images.index_select(0, idx), g)), self.labels.index_select(0, idx)
+            x = self._normalise(self._augment(self.images.index_select(0, idx), g))
+            if self.reprob > 0:
+                x = random_erase(x, self.reprob, self.remode, g)
+            yield x, self.labels.index_select(0, idx)
+
+
+def random_erase(x: Tensor, p: float, mode: str, g: torch.Generator, attempts: int = 10) -> Tensor:
+    """timm's RandomErasing on a normalised batch, per image: with probability p, one rectangle of area 2-33 %
+    and aspect 0.3-3.3 (the first of `attempts` draws that fits) filled with zeros ('const'), one normal draw
+    per channel ('rand') or per pixel ('pixel')."""
+    import math
+
+    B, C, H, W = x.shape
+    area = torch.empty(B, attempts).uniform_(0.02, 1 / 3, generator=g) * (H * W)
+    aspect = torch.empty(B, attempts).uniform_(math.log(0.3), math.log(1 / 0.3), generator=g).exp()
+    h, w = (area * aspect).sqrt().round().long(), (area / aspect).sqrt().round().long()
+    fits = (h < H) & (w < W) & (h > 0) & (w > 0)
+    pick = fits.long().argmax(1)
+    ar = torch.arange(B)
+    h, w = h[ar, pick], w[ar, pick]
+    erase = fits.any(1) & (torch.rand(B, generator=g) < p)
+    top = (torch.rand(B, generator=g) * (H - h + 1)).long()
+    left = (torch.rand(B, generator=g) * (W - w + 1)).long()
+    rows, cols = torch.arange(H), torch.arange(W)
+    inside = (erase[:, None, None] & ((rows[None] >= top[:, None]) & (rows[None] < (top + h)[:, None]))[:, :, None]
+              & ((cols[None] >= left[:, None]) & (cols[None] < (left + w)[:, None]))[:, None, :])
+    shape = {"const": (1, 1, 1, 1), "rand": (B, C, 1, 1), "pixel": (B, C, H, W)}[mode]
+    fill = torch.zeros(shape) if mode == "const" else torch.randn(shape, generator=g)
+    return torch.where(inside[:, None].to(x.device), fill.to(x.device, x.dtype), x)
 
 
 def build_resident_loader(samples, *, inputs, batch_size: int, train: bool, seed: int, pad_crop: bool, hflip: float,
-                          max_bytes: int, rank: int = 0, world_size: int = 1, device="cpu", progress: bool = True):
+                          max_bytes: int, rank: int = 0, world_size: int = 1, device="cpu", progress: bool = True,
+                          reprob: float = 0.0, remode: str = "pixel", repeats: int = 1):
     """A ResidentLoader over samples, or DataError when their decoded pixels exceed max_bytes."""
     need = decoded_bytes(len(samples), inputs.size)
     if need > max_bytes:
@@ -169,4 +199,5 @@ def build_resident_loader(samples, *, inputs, batch_size: int, train: bool, seed
                                               progress=progress, desc="decode train" if train else "decode val")
     return ResidentLoader(images, labels, batch_size=batch_size, train=train, mean=inputs.mean, std=inputs.std, seed=seed,
                           pad=pad_size(inputs.size) if (train and pad_crop) else 0, hflip=hflip if train else 0.0,
-                          rank=rank, world_size=world_size, device=device, missing=missing)
+                          rank=rank, world_size=world_size, device=device, missing=missing,
+                          reprob=reprob if train else 0.0, remode=remode, repeats=repeats if train else 1)

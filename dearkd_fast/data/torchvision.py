@@ -64,11 +64,15 @@ def _seeded(fn, x, seed: int):
 class EpochSampler(Sampler):
     """The training order: a permutation drawn from (seed, epoch) alone, cut to whole global batches,
     rank r of W taking every W-th index (each image once per epoch across ranks), yielded as
-    (index, per-sample seed) from batch `start` on. set_epoch(epoch, start) positions it, so a run
-    resumed mid-epoch sees exactly the batches an uninterrupted run would."""
+    (index, per-sample seed) from batch `start` on. With `repeats` R > 1 (DeiT's repeated augmentation) each
+    index of the permutation stands R times in a row before the ranks take every W-th, and an epoch keeps its
+    length: about n / R distinct images, each R times with its own augmentation, its copies on different ranks.
+    set_epoch(epoch, start) positions it, so a run resumed mid-epoch sees exactly the batches an uninterrupted
+    run would."""
 
-    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, repeats: int = 1):
         self.n, self.batch_size, self.seed, self.rank, self.world_size = n, batch_size, seed, rank, world_size
+        self.repeats = repeats
         self.epoch, self.start = 0, 0
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
@@ -79,10 +83,18 @@ class EpochSampler(Sampler):
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(self.n, generator=g)[: self.per_rank() * self.world_size][self.rank::self.world_size]
+        perm = torch.randperm(self.n, generator=g)
         base = (self.seed * 1_000_003 + self.epoch) * 1_000_003
-        for i in order[self.start * self.batch_size:].tolist():
-            yield i, base + i
+        if self.repeats == 1:
+            order = perm[: self.per_rank() * self.world_size][self.rank::self.world_size]
+            seeds = base + order
+        else:  # DeiT's repeated augmentation: each index R times in a row, dealt round the ranks, same epoch length
+            copies = perm.repeat_interleave(self.repeats)
+            copy = torch.arange(copies.numel()) % self.repeats
+            take = slice(self.rank, None, self.world_size)
+            order, seeds = copies[take][: self.per_rank()], (base + copies + self.n * copy)[take][: self.per_rank()]
+        skip = self.start * self.batch_size
+        yield from zip(order[skip:].tolist(), seeds[skip:].tolist())
 
     def __len__(self) -> int:
         return self.per_rank() - self.start * self.batch_size
@@ -98,9 +110,10 @@ def collate_present(batch: list) -> tuple:
     return x, y, missing
 
 
-def train_transform(inputs: InputSpec, *, pad_crop: bool, hflip: float, randaug: str | None = None):
+def train_transform(inputs: InputSpec, *, pad_crop: bool, hflip: float, randaug: str | None = None,
+                    reprob: float = 0.0, remode: str = "pixel"):
     """Random-resized-crop (or, for small inputs, resize to size x size then pad-and-crop, as DALI does),
-    flip, optional RandAugment, normalise."""
+    flip, optional RandAugment, normalise, optional random erasing (timm's RandomErasing, after Normalize)."""
     size = inputs.size
     if pad_crop:
         ops = [T.Resize((size, size), interpolation=T.InterpolationMode.BILINEAR), T.RandomCrop(size, padding=pad_size(size))]
@@ -114,6 +127,10 @@ def train_transform(inputs: InputSpec, *, pad_crop: bool, hflip: float, randaug:
         RandAugmentSpec.parse(randaug)  # one reading of the string for both backends (DataError if unreadable)
         ops.append(rand_augment_transform(randaug, {"img_mean": tuple(round(255 * m) for m in inputs.mean)}))
     ops += [T.ToTensor(), T.Normalize(inputs.mean, inputs.std)]
+    if reprob > 0:
+        from timm.data.random_erasing import RandomErasing
+
+        ops.append(RandomErasing(reprob, mode=remode, device="cpu"))
     return T.Compose(ops)
 
 
@@ -144,14 +161,14 @@ class ShardSampler(Sampler[int]):
 
 
 def build_torch_loader(samples, transform, *, batch_size: int, train: bool, workers: int, seed: int,
-                       rank: int = 0, world_size: int = 1, pin_memory: bool = False) -> DataLoader:
+                       rank: int = 0, world_size: int = 1, pin_memory: bool = False, repeats: int = 1) -> DataLoader:
     """Train: EpochSampler (shuffled by seed and epoch, whole batches); eval: every sample of this shard
     exactly once, in order.
     Batches are (images, labels, unreadable paths) (collate_present)."""
     ds = ImageListDataset(samples, transform)
     g = torch.Generator().manual_seed(seed)
     if train:
-        sampler = EpochSampler(len(ds), batch_size, seed, rank, world_size)
+        sampler = EpochSampler(len(ds), batch_size, seed, rank, world_size, repeats)
         return DataLoader(ds, batch_size=batch_size, sampler=sampler, drop_last=True, num_workers=workers,
                           pin_memory=pin_memory, generator=g, persistent_workers=workers > 0, collate_fn=collate_present)
     return DataLoader(ds, batch_size=batch_size, sampler=ShardSampler(len(ds), rank, world_size), drop_last=False,
