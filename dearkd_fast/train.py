@@ -376,14 +376,19 @@ def link_latest(out: OutputFolder, name: str, link: str) -> None:
     os.replace(tmp, out.path(link))
 
 
+def save_students(cfg: TrainConfig, out: OutputFolder, s: Student, data: DataBundle, inputs: InputSpec) -> None:
+    """student.pt, and with --model-ema student_ema.pt (the average), each deployable (no alignment projections)."""
+    save_student(s.model, cfg.model, data.classes, inputs, out.path("student.pt"))
+    if s.ema is not None:
+        save_student(s.ema.module, cfg.model, data.classes, inputs, out.path("student_ema.pt"))
+
+
 def finalise(cfg: TrainConfig, out: OutputFolder, s: Student | None, data: DataBundle, inputs: InputSpec,
              teacher: Teacher | None, device: torch.device, t_start: float) -> dict:
     """Write student.pt and summary.json, print the results table (rank 0). No student (--epochs 0): the
     student fields are None."""
     if DIST.main and s is not None:
-        save_student(s.model, cfg.model, data.classes, inputs, out.path("student.pt"))
-        if s.ema is not None:
-            save_student(s.ema.module, cfg.model, data.classes, inputs, out.path("student_ema.pt"))
+        save_students(cfg, out, s, data, inputs)
     records = s.records if s is not None else []
     stage1 = [r for r in records if r["stage"] == 1]
     skipped = data.all_skipped()
