@@ -222,7 +222,12 @@ class RunConfig:
 
     @property
     def autocast_dtype(self) -> torch.dtype:
-        return torch.bfloat16 if self.amp_dtype == "bfloat16" else torch.float16
+        return autocast_dtype(self.amp_dtype)
+
+
+def autocast_dtype(name: str) -> torch.dtype:
+    """--amp-dtype's torch dtype."""
+    return torch.bfloat16 if name == "bfloat16" else torch.float16
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -598,6 +603,10 @@ class EvalConfig:
         _check(bool(self.checkpoint), "--checkpoint is required (a student.pt)")
         _check(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
         resolve_device(self.device)
+
+    @property
+    def autocast_dtype(self) -> torch.dtype:
+        return autocast_dtype(self.amp_dtype)
 
 
 @dataclass(frozen=True, kw_only=True)

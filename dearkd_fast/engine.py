@@ -22,9 +22,6 @@ def autocast(device: torch.device, enabled: bool, dtype: torch.dtype = torch.bfl
     return torch.autocast(device_type=device.type, dtype=dtype, enabled=enabled)
 
 
-OPTIMIZERS = ("adamw", "sgd")
-
-
 def make_optimizer(groups: list[dict], lr: float, kind: str = "adamw") -> torch.optim.Optimizer:
     """AdamW (betas 0.9, 0.999) or SGD (Nesterov momentum 0.9), each the fused implementation (CUDA and CPU): it
     can skip a step on a device-side flag (found_inf), which is how a non-finite loss is skipped without waiting

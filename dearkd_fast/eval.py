@@ -11,8 +11,6 @@ import dataclasses
 import sys
 import time
 
-import torch
-
 from . import engine
 from .checkpoint import atomic_write_json
 from .cli import run_cli
@@ -28,7 +26,7 @@ DESCRIPTION = __doc__.split("\n\n")[0]
 def run(cfg: EvalConfig) -> dict:
     device = resolve_device(cfg.device)
     model, meta = load_student(cfg.checkpoint, device)
-    inputs = InputSpec.of_model(meta["arch"])
+    inputs = InputSpec.of_cfg(model.pretrained_cfg)
     if (inputs.size, tuple(inputs.mean), tuple(inputs.std)) != (meta["input_size"], tuple(meta["mean"]),
                                                                 tuple(meta["std"])):
         raise CheckpointError(f"'{cfg.checkpoint}' was trained at another input size or normalisation than "
@@ -38,9 +36,9 @@ def run(cfg: EvalConfig) -> dict:
     if list(data.classes) != list(meta["class_names"]):
         raise InputError(f"--data has classes {list(data.classes)[:3]}... but '{cfg.checkpoint}' was trained on "
                          f"{list(meta['class_names'])[:3]}... (count {len(meta['class_names'])})")
-    dtype = torch.bfloat16 if cfg.amp_dtype == "bfloat16" else torch.float16
     t0 = time.perf_counter()
-    res = engine.evaluate(model, data.val, device=device, amp=cfg.amp, amp_dtype=dtype, progress=not cfg.no_progress)
+    res = engine.evaluate(model, data.val, device=device, amp=cfg.amp, amp_dtype=cfg.autocast_dtype,
+                          progress=not cfg.no_progress)
     seconds = time.perf_counter() - t0
     out = {"checkpoint": cfg.checkpoint, "model": meta["arch"], "data": data.name, "top1": res["top1"],
            "top5": res["top5"], "loss": res["loss"], "num_samples": res["num_samples"],

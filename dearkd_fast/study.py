@@ -104,8 +104,8 @@ TUNED_AS = {"dearkd-no-stage2": "dearkd"}
 @dataclass
 class Run:
     """One invocation of a tool inside the study: its folder under runs/, its argv, its weight in the
-    progress bar (images it processes, roughly) and what it stands for in the table (a tuning run has
-    `candidate` set and is validated on the hold-out)."""
+    progress bar (images it processes, roughly) and what it stands for in the table: a student's `candidate`
+    is the setting it trains with, and a `tuning` run is validated on the hold-out."""
 
     name: str
     tool: str  # "train" or "invert"
@@ -115,6 +115,7 @@ class Run:
     fraction: float | None = None
     seed: int | None = None
     candidate: Candidate | None = None
+    tuning: bool = False
 
     def command(self, extra: list[str]) -> str:
         return shlex.join([sys.executable, "-m", f"dearkd_fast.{self.tool}", *self.argv, *extra])
@@ -186,7 +187,8 @@ def plan(cfg: StudyConfig, root: str, sizes: Sizes, chosen: dict[str, Candidate]
         schedule = _schedule(t, frac, n_train, t.batch_size, t.epochs)
         argv = trainer(head, t.batch_size, name, cand.lr, schedule, "--data-fraction", _frac(frac), "--seed", str(seed),
                        *flags(schedule[0]), *cand.flags, *(["--teacher-ckpt", teacher_ckpt] if uses_teacher else []))
-        return Run(name, "train", argv, cost=schedule[0] * n_train, method=method, fraction=frac, seed=seed)
+        return Run(name, "train", argv, cost=schedule[0] * n_train, method=method, fraction=frac, seed=seed,
+                   candidate=cand)
 
     real = ["--data", cfg.data] + models
     teacher_argv = trainer(real, t.teacher_batch_size or t.batch_size, "teacher", t.lr, (0, t.warmup_epochs, 1),
@@ -199,7 +201,7 @@ def plan(cfg: StudyConfig, root: str, sizes: Sizes, chosen: dict[str, Candidate]
             for i, cand in enumerate(cands):
                 r = student(real + ["--val-data", HOLDOUT], f"tune-{method}-{i}", sizes.tuning[frac], frac, 0, method,
                             cand)
-                runs.append(dataclasses.replace(r, candidate=cand))
+                runs.append(dataclasses.replace(r, tuning=True))
         if chosen is None:
             return runs
     default = Candidate(t.lr)
@@ -233,7 +235,7 @@ def plan(cfg: StudyConfig, root: str, sizes: Sizes, chosen: dict[str, Candidate]
                                *cand.flags)
                 runs.append(Run(name, "train", argv,
                                 cost=schedule[0] * (n_synth + 0.2 * sizes.num_train * t.val_fraction),
-                                method=method, seed=seed))
+                                method=method, seed=seed, candidate=cand))
     return runs
 
 
@@ -241,7 +243,7 @@ def choose(runs: list[Run]) -> dict[str, Candidate]:
     """Each tuned method's candidate with the best hold-out top-1 at the end of its run (the first on a tie)."""
     best: dict[str, tuple[float, Candidate]] = {}
     for r in runs:
-        if r.candidate is not None:
+        if r.tuning:
             top1 = _summary(r)["final_top1"]
             if r.method not in best or top1 > best[r.method][0]:
                 best[r.method] = (top1, r.candidate)
@@ -349,8 +351,7 @@ def _sizes(cfg: StudyConfig) -> Sizes:
     (the progress bar's weights, the schedules of a tier with `steps`), and the classes."""
     source = resolve_data(cfg.data, None, progress=not cfg.no_progress)
     scan = scan_image_folder(source.train_dir, progress=not cfg.no_progress)
-    holdout = DataConfig().holdout
-    held_out = holdout_split(scan.samples, holdout, 0)[0]
+    held_out = holdout_split(scan.samples, DataConfig.holdout, 0)[0]
     pool = scan.samples if source.val_dir is not None else held_out
     fracs = cfg.settings.fractions
     return Sizes(len(scan.samples), len(scan.classes), {f: len(balanced_subset(pool, f, 0)) for f in fracs},
@@ -426,7 +427,7 @@ def collect(cfg: StudyConfig, root: str, runs: list[Run], state: dict) -> dict:
     rows = []
     groups: dict[tuple, list[Run]] = {}
     for r in runs[1:]:
-        if r.method is not None and r.candidate is None:
+        if r.method is not None and not r.tuning:
             groups.setdefault((r.method, r.fraction), []).append(r)
     for (method, frac), members in groups.items():
         sums = [_summary(r) for r in members]
@@ -441,13 +442,16 @@ def collect(cfg: StudyConfig, root: str, runs: list[Run], state: dict) -> dict:
                      "num_val_samples": sums[0]["num_val_samples"],
                      "wall_s": [state["wall_s"].get(r.name) for r in members],
                      "steps": len(sums[0]["epochs"]) * (sums[0]["num_train_samples"] // sums[0]["batch_size_per_process"]),
-                     "settings": _settings_of(sums[0]),
+                     "settings": members[0].candidate.label if members[0].candidate else "",
                      "curves": [_curve(s) for s in sums],
                      "runs": [r.name for r in members]})
     chosen = choose(runs) if t.tune else {}
-    tuning = [{"method": r.method, "candidate": r.candidate.label, "fraction": r.fraction, "run": r.name,
-               "holdout_top1": _summary(r)["final_top1"], "num_val_samples": _summary(r)["num_val_samples"],
-               "chosen": chosen.get(r.method) == r.candidate} for r in runs if r.candidate is not None]
+    tuning = []
+    for r in (r for r in runs if r.tuning):
+        s = _summary(r)
+        tuning.append({"method": r.method, "candidate": r.candidate.label, "fraction": r.fraction, "run": r.name,
+                       "holdout_top1": s["final_top1"], "num_val_samples": s["num_val_samples"],
+                       "chosen": chosen.get(r.method) == r.candidate})
     synth = {}
     for r in runs:
         if r.tool == "invert":
@@ -468,20 +472,6 @@ def _curve(summary: dict) -> list[list]:
     """[[optimiser steps so far, validation top-1], ...] at every validated epoch of a run."""
     per_epoch = summary["num_train_samples"] // summary["batch_size_per_process"]
     return [[(e["epoch"] + 1) * per_epoch, e["val_top1"]] for e in summary["epochs"] if e["val_top1"] is not None]
-
-
-def _settings_of(summary: dict) -> str:
-    """The tuned settings a run used, as flags."""
-    a = summary["args"]
-    bits = [f"--lr {a['lr']:g}"]
-    if a.get("smoothing"):
-        bits.append(f"--smoothing {a['smoothing']:g}")
-    if summary["teacher"] is not None:
-        if a.get("distillation_type") == "soft":
-            bits.append(f"--distillation-type soft --tau {a['tau']:g}")
-        if a.get("align_standardize"):
-            bits.append("--align-standardize")
-    return " ".join(bits)
 
 
 def markdown(table: dict) -> str:

@@ -19,17 +19,12 @@ import torch.nn as nn
 from timm.task import TrainingTask
 from timm.utils import unwrap_model
 
-from .config import IMAGENET_MEAN, IMAGENET_STD
+from .data import InputSpec
 from .errors import InputError
 from .losses import DearKDLoss
 from .models.teacher import Teacher, create_classifier, load_teacher
 
 __all__ = ["DearKDTask"]
-
-
-def _norm(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    cfg = getattr(unwrap_model(model), "pretrained_cfg", None) or {}
-    return tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))
 
 
 def resolve_teacher(teacher: nn.Module | str, student: nn.Module, pretrained_path: str | None = None,
@@ -49,7 +44,8 @@ def resolve_teacher(teacher: nn.Module | str, student: nn.Module, pretrained_pat
         model = teacher
     else:
         raise InputError(f"teacher must be a module, a teacher.pt or a model name, got {type(teacher).__name__}")
-    return Teacher(model.to(memory_format=torch.channels_last), spec, taps, input_norm=_norm(student))
+    inputs = InputSpec.of_cfg(unwrap_model(student).pretrained_cfg)
+    return Teacher(model.to(memory_format=torch.channels_last), spec, taps, input_norm=(inputs.mean, inputs.std))
 
 
 class DearKDTask(TrainingTask):

@@ -25,14 +25,14 @@ from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
 from . import config, distributed, engine, ops
-from .checkpoint import atomic_save, atomic_write_json, load_checkpoint, rng_state, set_rng_state
+from .checkpoint import atomic_save, atomic_write_json, load_checkpoint, load_model_file, rng_state, set_rng_state
 from .cli import OutputFolder, PeerFolder, StopRequest, run_cli
 from .config import TrainConfig
 from .data import DataBundle, InputSpec, build_data
 from .distributed import Dist
 from .errors import CheckpointError, InputError, Stopped
 from .losses import DearKDLoss, SupervisedLoss
-from .models.student import save_student
+from .models.student import STUDENT_FORMAT, save_student
 from .models.teacher import Teacher, TeacherSpec, check_teacher_arch, create_teacher_model, has_module, load_teacher, save_teacher
 
 PROG = "dearkd_fast.train"
@@ -146,9 +146,6 @@ def effective_lr(cfg: TrainConfig, world_size: int) -> float:
 
 def finetune_weights(path: str) -> tuple[str, dict]:
     """(arch, weights) of a --finetune student.pt; InputError / CheckpointError for a missing or bad file."""
-    from .checkpoint import load_model_file
-    from .models.student import STUDENT_FORMAT
-
     if not os.path.isfile(path):
         raise InputError(f"--finetune '{path}' does not exist")
     ck = load_model_file(path, "student", STUDENT_FORMAT)
@@ -305,9 +302,10 @@ def fit(cfg: TrainConfig, out: OutputFolder, s: Student, data: DataBundle, teach
                                            max_bad_steps=cfg.max_bad_steps, after_step=after_step,
                                            desc=f"stage {stage} epoch {epoch + 1}/{cfg.epochs}")
             train_time = time.time() - t0
+            evaluated = cfg.evaluates(epoch)
             val = engine.evaluate(s.model, data.val, device=device, amp=cfg.run.amp, amp_dtype=cfg.run.autocast_dtype,
-                                  progress=cfg.run.progress) if cfg.evaluates(epoch) else NOT_EVALUATED
-            if s.ema is not None and cfg.evaluates(epoch):
+                                  progress=cfg.run.progress) if evaluated else NOT_EVALUATED
+            if s.ema is not None and evaluated:
                 val["top1_ema"] = engine.evaluate(s.ema.module, data.val, device=device, amp=cfg.run.amp,
                                                   amp_dtype=cfg.run.autocast_dtype, progress=cfg.run.progress)["top1"]
             record_epoch(cfg, out, s, data, {"epoch": epoch, "stage": stage, "train": train, **val},

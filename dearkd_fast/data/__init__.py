@@ -32,7 +32,11 @@ class InputSpec:
         from torch's generator exactly as the model's own creation would)."""
         import timm
 
-        cfg = timm.create_model(name, num_classes=1).pretrained_cfg
+        return cls.of_cfg(timm.create_model(name, num_classes=1).pretrained_cfg)
+
+    @classmethod
+    def of_cfg(cls, cfg: dict) -> InputSpec:
+        """From a timm pretrained config (a built model's `pretrained_cfg`)."""
         return cls(cfg["input_size"][-1], tuple(cfg["mean"]), tuple(cfg["std"]), cfg.get("crop_pct", 1.0))
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 
 import torch
@@ -37,8 +38,6 @@ def decoded_bytes(n: int, size: int) -> int:
 
 def _geometry(train: bool, size: int, crop_pct: float):
     """The torchvision path's PIL steps before ToTensor (augmentation aside)."""
-    import math
-
     from torchvision import transforms as T
 
     if train:
@@ -166,8 +165,6 @@ def random_erase(x: Tensor, p: float, mode: str, g: torch.Generator, attempts: i
     """timm's RandomErasing on a normalised batch, per image: with probability p, one rectangle of area 2-33 %
     and aspect 0.3-3.3 (the first of `attempts` draws that fits) filled with zeros ('const'), one normal draw
     per channel ('rand') or per pixel ('pixel')."""
-    import math
-
     B, C, H, W = x.shape
     area = torch.empty(B, attempts).uniform_(0.02, 1 / 3, generator=g) * (H * W)
     aspect = torch.empty(B, attempts).uniform_(math.log(0.3), math.log(1 / 0.3), generator=g).exp()

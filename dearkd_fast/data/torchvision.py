@@ -83,16 +83,13 @@ class EpochSampler(Sampler):
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        perm = torch.randperm(self.n, generator=g)
         base = (self.seed * 1_000_003 + self.epoch) * 1_000_003
-        if self.repeats == 1:
-            order = perm[: self.per_rank() * self.world_size][self.rank::self.world_size]
-            seeds = base + order
-        else:  # DeiT's repeated augmentation: each index R times in a row, dealt round the ranks, same epoch length
-            copies = perm.repeat_interleave(self.repeats)
-            copy = torch.arange(copies.numel()) % self.repeats
-            take = slice(self.rank, None, self.world_size)
-            order, seeds = copies[take][: self.per_rank()], (base + copies + self.n * copy)[take][: self.per_rank()]
+        # each index R times in a row (R = 1: the permutation itself), dealt round the ranks, the epoch as long;
+        # copy k of index i is seeded base + i + k * n (k = 0: every run without repeats keeps its seeds)
+        copies = torch.randperm(self.n, generator=g).repeat_interleave(self.repeats)
+        seeds = base + copies + self.n * (torch.arange(copies.numel()) % self.repeats)
+        take = slice(self.rank, None, self.world_size)
+        order, seeds = copies[take][: self.per_rank()], seeds[take][: self.per_rank()]
         skip = self.start * self.batch_size
         yield from zip(order[skip:].tolist(), seeds[skip:].tolist())
 
