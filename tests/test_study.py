@@ -6,6 +6,7 @@ import os
 import pytest
 
 from dearkd_fast import study
+from dearkd_fast.config import STUDY_TIERS
 
 pytestmark = pytest.mark.slow  # runs the tools end to end
 TINY = ["--data", "digits", "--fractions", "0.5", "--seeds", "1", "--epochs", "2", "--teacher-epochs", "1",
@@ -290,7 +291,7 @@ def test_cpu_long_tunes_on_a_hold_out_never_reading_the_test_split(tmp_path, mon
     steps = {r["method"]: r["steps"] for r in table["rows"]}
     assert len(set(steps.values())) == 1 and min(steps.values()) >= 30
     t = summary(root, "teacher")["args"]
-    assert t["teacher"] == "cifar_resnet9" and t["teacher_opt"] == "sgd" and t["batch_size"] == 512
+    assert t["teacher"] == STUDY_TIERS["cpu-long"].teacher and t["teacher_opt"] == "sgd" and t["batch_size"] == 512
     with open(os.path.join(root, "table.md")) as f:
         md = f.read()
     assert "Tuning" in md and "hold-out" in md and md.count("| **") == len(study.TUNING)
