@@ -12,7 +12,8 @@ setup(
     package_dir={"dearkd_fast": "dearkd_fast", "dearkd_fast.kernels": "kernels"},
     # the native CPU backend's sources travel with the package: python -m dearkd_fast.native builds them
     # after pip has installed torch (see dearkd_fast/native.py)
-    package_data={"dearkd_fast.kernels": ["configs.json", "native/*.cpp", "native/*.h", "native/CMakeLists.txt"]},
+    package_data={"dearkd_fast.kernels": ["configs.json", "native/*.cpp", "native/*.h", "native/CMakeLists.txt"],
+                  "dearkd_fast": ["recipes/*.yaml"]},
     install_requires=[
         "torch>=2.4",
         "torchvision>=0.19",
@@ -20,6 +21,7 @@ setup(
         "numpy",
         "pillow",
         "tqdm",
+        "pyyaml",  # --config files
         "scikit-learn",
         "matplotlib",  # the study's plots
     ],

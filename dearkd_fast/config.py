@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import math
 import os
+import sys
 import time
 import typing
 from dataclasses import MISSING, dataclass, field
@@ -26,7 +27,8 @@ __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "SMALL_IMAGE_MAX", "InversionPreset", "SizePreset", "PRESETS", "preset_for",
     "INVERSION", "OBJECTIVES", "inversion_preset",
     "RunConfig", "DataConfig", "stage_switch", "TrainConfig", "InvertConfig", "SynthesisSettings", "build_parser",
-    "from_argv", "flag_table", "flat", "StudyTier", "STUDY_TIERS", "StudyConfig", "EvalConfig", "NativeConfig",
+    "from_argv", "config_argv", "recipe_path",
+    "flag_table", "flat", "StudyTier", "STUDY_TIERS", "StudyConfig", "EvalConfig", "NativeConfig",
 ]
 
 # ImageNet normalisation: the statistics of every registered model of this project (timm's defaults too)
@@ -310,6 +312,8 @@ def _default_run_dir() -> str:
 class TrainConfig:
     """Every setting of python -m dearkd_fast.train."""
 
+    config: str | None = flag(None, "YAML file (or bundled recipe name: dearkd_fast/recipes/) of flag: value pairs; "
+                              "flags given override it", group="config")
     data: DataConfig = field(default_factory=DataConfig)
     mixup: float = flag(0.0, "Mixup alpha (0: off)", group="data")
     cutmix: float = flag(0.0, "CutMix alpha (0: off)", group="data")
@@ -317,6 +321,8 @@ class TrainConfig:
     model: str = flag("dearkd_micro_patch4_32", "student (timm name, dearkd_*)", group="models")
     teacher: str = flag("cifar_resnet8", "teacher architecture (timm name or tv:<torchvision name>)", group="models")
     teacher_ckpt: str | None = flag(None, "teacher.pt to load instead of training a teacher", group="models")
+    teacher_weights: str | None = flag(None, "a plain state dict of --teacher (e.g. published weights) to load "
+                                       "instead of training a teacher", group="models")
     teacher_epochs: int = flag(10, "epochs to train the teacher when no --teacher-ckpt", group="models")
     teacher_opt: str = flag("adamw", "the teacher's optimiser: adamw, or sgd (Nesterov momentum 0.9; the fast CIFAR "
                             "recipes: --teacher-lr 0.2 --teacher-weight-decay 5e-4)", group="models",
@@ -400,9 +406,11 @@ class TrainConfig:
         _finite("--smoothing", self.smoothing, low=0.0)
         _check(self.smoothing < 1.0, f"--smoothing must be < 1, got {self.smoothing}")
         _check(not (self.mixes and self.batch_size % 2), "--mixup/--cutmix need an even --batch-size")
-        _check(self.teacher_ckpt is not None or self.teacher_epochs >= 1 or not self.needs_teacher,
-               "stage 1 needs a teacher: give --teacher-ckpt or --teacher-epochs >= 1" if self.epochs else
-               "--epochs 0 runs the teacher alone: give --teacher-epochs >= 1 or --teacher-ckpt")
+        _check(not (self.teacher_ckpt and self.teacher_weights), "give --teacher-ckpt or --teacher-weights, not both")
+        _check(self.teacher_ckpt is not None or self.teacher_weights is not None or self.teacher_epochs >= 1
+               or not self.needs_teacher,
+               "stage 1 needs a teacher: give --teacher-ckpt, --teacher-weights or --teacher-epochs >= 1" if self.epochs
+               else "--epochs 0 runs the teacher alone: give --teacher-epochs >= 1, --teacher-ckpt or --teacher-weights")
         _check(bool(self.output), "--output must not be empty")
 
     @property
@@ -688,6 +696,8 @@ def _tier_flag(key: str, help: str):
 class StudyConfig:
     """Every setting of python -m dearkd_fast.study; None falls back to the tier's value."""
 
+    config: str | None = flag(None, "YAML file (or bundled recipe name: dearkd_fast/recipes/) of flag: value pairs; "
+                              "flags given override it", group="config")
     data: str = flag("cifar10", "the data set: 'cifar10[:TARBALL_DIR]', 'digits' or an ImageFolder (students and "
                      "teacher are evaluated on its validation split)", group="study")
     tier: str = flag("cpu", "'cpu' (the 2-core CPU machine, within 45 minutes), 'cpu-long' (scarce data with a strong "
@@ -823,8 +833,95 @@ def _build(cls, values: dict[str, Any]):
 
 
 def from_argv(cls, argv: list[str] | None, prog: str, description: str = ""):
-    """Parse argv into a frozen cls; InputError (one line) on a bad flag or value."""
-    return _build(cls, vars(build_parser(cls, prog, description).parse_args(argv)))
+    """Parse argv into a frozen cls; InputError (one line) on a bad flag or value. A `--config FILE` (where cls
+    has the flag) stands for the flags of its YAML mapping, placed before argv so that flags given override it."""
+    parser = build_parser(cls, prog, description)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    path = _config_arg(argv) if any(f.name == "config" for f in dataclasses.fields(cls)) else None
+    if path is not None:
+        argv = config_argv(path, parser) + argv
+    return _build(cls, vars(parser.parse_args(argv)))
+
+
+RECIPES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes")
+
+
+def recipe_path(name: str) -> str:
+    """--config's file: the path given, else the bundled recipe of that name (dearkd_fast/recipes/NAME.yaml)."""
+    if os.path.isfile(name):
+        return name
+    bundled = os.path.join(RECIPES_DIR, name + ".yaml")
+    if os.path.sep in name or name.endswith(".yaml"):
+        raise InputError(f"--config '{name}' does not exist")
+    if os.path.isfile(bundled):
+        return bundled
+    known = ", ".join(sorted(f.removesuffix(".yaml") for f in os.listdir(RECIPES_DIR) if f.endswith(".yaml")))
+    raise InputError(f"--config '{name}' is neither a file nor a bundled recipe ({known})")
+
+
+def _config_arg(argv: list[str]) -> str | None:
+    """The value of the last --config in argv (None: none given)."""
+    path = None
+    for i, a in enumerate(argv):
+        if a == "--config":
+            if i + 1 >= len(argv):
+                raise InputError("argument --config: expected one argument")
+            path = argv[i + 1]
+        elif a.startswith("--config="):
+            path = a.split("=", 1)[1]
+    return path
+
+
+def config_argv(name: str, parser: argparse.ArgumentParser) -> list[str]:
+    """The flags a YAML config stands for: {key: value} with key a flag name (dashes or underscores, no --);
+    true / false for switches, a list for a comma-separated flag, null for the default. InputError (one line,
+    naming the file and the key) for an unreadable file, an unknown key or a value the flag refuses."""
+    import yaml
+
+    path = recipe_path(name)
+    try:
+        with open(path, encoding="utf-8") as f:
+            values = yaml.safe_load(f)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise InputError(f"--config '{path}' cannot be read ({type(e).__name__})") from None
+    if values is None:
+        return []
+    if not isinstance(values, dict):
+        raise InputError(f"--config '{path}': expected a mapping of flag: value, got {type(values).__name__}")
+    actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in ("help", "config")}
+    argv: list[str] = []
+    for key, value in values.items():
+        dest = str(key).replace("-", "_")
+        action = actions.get(dest)
+        if action is None:
+            import difflib
+
+            near = difflib.get_close_matches(dest, list(actions), n=1)
+            hint = f" (did you mean '{near[0].replace('_', '-')}'?)" if near else ""
+            raise InputError(f"--config '{path}': unknown key '{key}'{hint}")
+        argv += _flag_tokens(path, key, action, value)
+    try:
+        parser.parse_args(argv)  # the file's own values, checked before they meet the command line
+    except InputError as e:
+        raise InputError(f"--config '{path}': {e}") from None
+    return argv
+
+
+def _flag_tokens(path: str, key: str, action: argparse.Action, value: Any) -> list[str]:
+    flag_ = action.option_strings[0]
+    switch = isinstance(action, (argparse._StoreTrueAction, argparse.BooleanOptionalAction))
+    if value is None:
+        return []
+    if switch != isinstance(value, bool):
+        want = "true or false" if switch else "a value, not true/false"
+        raise InputError(f"--config '{path}': key '{key}' takes {want}, got {value!r}")
+    if switch:
+        if value:
+            return [flag_]
+        return ["--no-" + flag_[2:]] if isinstance(action, argparse.BooleanOptionalAction) else []
+    if isinstance(value, dict):
+        raise InputError(f"--config '{path}': key '{key}' takes a value or a list, not a mapping")
+    return [flag_, ",".join(map(str, value)) if isinstance(value, list) else str(value)]
 
 
 def flat(cfg) -> dict[str, Any]:
@@ -842,7 +939,9 @@ def flag_table(cls) -> str:
     """The README's markdown table of every flag of cls: flag, default, meaning."""
     rows = ["| flag | default | meaning |", "|---|---|---|"]
     group = None
-    for f, tp, _ in _flag_fields(cls):
+    fields = _flag_fields(cls)
+    first = {g: i for i, g in reversed(list(enumerate(f.metadata["group"] for f, _, _ in fields)))}
+    for f, tp, _ in sorted(fields, key=lambda e: first[e[0].metadata["group"]]):  # a group's flags together
         md = f.metadata
         if md["group"] != group:
             group = md["group"]
@@ -863,6 +962,4 @@ TOOL_CONFIGS = {"train": TrainConfig, "invert": InvertConfig, "eval": EvalConfig
                 "native": NativeConfig}
 
 if __name__ == "__main__":  # python -m dearkd_fast.config train|invert|study|native: the README's flag table of a tool
-    import sys
-
     print(flag_table(TOOL_CONFIGS[sys.argv[1]]), end="")

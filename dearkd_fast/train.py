@@ -33,13 +33,23 @@ from .distributed import Dist
 from .errors import CheckpointError, InputError, Stopped
 from .losses import DearKDLoss, SupervisedLoss
 from .models.student import STUDENT_FORMAT, save_student
-from .models.teacher import Teacher, TeacherSpec, check_teacher_arch, create_teacher_model, has_module, load_teacher, save_teacher
+from .models.teacher import (
+    Teacher,
+    TeacherSpec,
+    check_teacher_arch,
+    create_classifier,
+    create_teacher_model,
+    has_module,
+    load_teacher,
+    save_teacher,
+    spec_of,
+)
 
 PROG = "dearkd_fast.train"
 DESCRIPTION = __doc__.split("\n\n")[0]
 RUN_FILES = ("summary.json", "metrics.jsonl", "checkpoint.pt", "student.pt", "student_ema.pt", "teacher.pt")
 # flags that may differ on --resume without making the result inconsistent (--epochs may also grow)
-RESUME_FREE = frozenset({"output", "resume", "overwrite", "workers", "no_progress", "device", "compile", "compile_mode",
+RESUME_FREE = frozenset({"config", "output", "resume", "overwrite", "workers", "no_progress", "device", "compile", "compile_mode",
                          "backend", "checkpoint_every", "keep_checkpoints", "max_bad_steps", "deterministic"})
 DIST = Dist()  # this process's place under torchrun (one process without it)
 
@@ -109,6 +119,8 @@ def check_inputs(cfg: TrainConfig) -> tuple[OutputFolder, dict | None]:
         if not os.path.isfile(cfg.teacher_ckpt):
             raise InputError(f"--teacher-ckpt '{cfg.teacher_ckpt}' does not exist")
         load_teacher(cfg.teacher_ckpt)  # readable and whole, or refused (CheckpointError) before any data is read
+    if cfg.teacher_weights is not None:
+        create_classifier(cfg.teacher, weights=cfg.teacher_weights)  # fits --teacher, or refused before any data
     if cfg.finetune is not None:
         arch = finetune_weights(cfg.finetune)[0]
         if arch != cfg.model:
@@ -173,8 +185,8 @@ def load_data(cfg: TrainConfig, device: torch.device) -> tuple[DataBundle, Input
 
 def prepare_teacher(cfg: TrainConfig, out: OutputFolder, data: DataBundle, inputs: InputSpec,
                     device: torch.device) -> Teacher | None:
-    """Load --teacher-ckpt (or this run's teacher.pt on --resume), else train one; evaluate it; None
-    when no epoch of stage 1 needs it."""
+    """Load --teacher-ckpt (or this run's teacher.pt on --resume) or --teacher-weights, else train one; evaluate it;
+    write this run's teacher.pt unless it came from one. None when no epoch of stage 1 needs it."""
     if not cfg.needs_teacher:
         return None
     own = os.path.join(out.root, "teacher.pt")
@@ -183,6 +195,11 @@ def prepare_teacher(cfg: TrainConfig, out: OutputFolder, data: DataBundle, input
         model, spec = load_teacher(path, num_classes=len(data.classes), class_names=list(data.classes))
         model = model.to(device)
         log(f"teacher: {spec.arch} from {path}")
+    elif cfg.teacher_weights:
+        model = create_classifier(cfg.teacher, len(data.classes), weights=cfg.teacher_weights).to(device)
+        spec = dataclasses.replace(spec_of(model), arch=cfg.teacher, class_names=list(data.classes),
+                                   input_size=inputs.size)
+        log(f"teacher: {cfg.teacher} with the weights of {cfg.teacher_weights}")
     else:
         model, spec = train_teacher(cfg, data, inputs, device)
     model = model.to(memory_format=torch.channels_last)  # cuDNN and oneDNN (cifar_resnet9 bf16 CPU forward: 1.46x)
