@@ -224,6 +224,7 @@ def train_teacher(cfg: TrainConfig, data: DataBundle, inputs: InputSpec, device:
                             opt, sched, device=device,
                             amp=cfg.run.amp, amp_dtype=cfg.run.autocast_dtype)
     for epoch in range(cfg.teacher_epochs):
+        data.train.set_epoch(epoch)  # a new order and new augmentations each epoch (the same ones: no augmentation)
         stats = engine.train_one_epoch(step, data.train, desc=f"teacher {epoch + 1}/{cfg.teacher_epochs}",
                                        progress=cfg.run.progress)
         log(f"teacher epoch {epoch + 1}/{cfg.teacher_epochs}  loss {stats['loss']:.4f}")

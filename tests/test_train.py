@@ -56,6 +56,25 @@ def test_stage_switch_at_stage1_epochs(tiny_run):
 
 
 @pytest.mark.slow
+def test_every_epoch_draws_new_batches_teacher_and_student(tmp_path, monkeypatch):
+    """Each epoch of the teacher and of the student starts from its own (seed, epoch) order and augmentation: a
+    teacher fed the same batches every epoch sees each image with one crop only, and overfits."""
+    from dearkd_fast import engine
+
+    firsts, original = [], engine.train_one_epoch
+
+    def spy(step, loader, **kw):
+        firsts.append(next(iter(loader))[0].clone())
+        return original(step, loader, **kw)
+
+    monkeypatch.setattr(engine, "train_one_epoch", spy)
+    assert main(TINY + ["--epochs", "2", "--stage1-epochs", "2", "--teacher-epochs", "2",
+                        "--output", str(tmp_path / "o")]) == 0
+    assert len(firsts) == 4  # teacher epochs 1, 2, then student epochs 1, 2
+    assert not torch.equal(firsts[0], firsts[1]) and not torch.equal(firsts[2], firsts[3])
+
+
+@pytest.mark.slow
 def test_teacher_checkpoint_is_self_contained(tiny_run):
     from dearkd_fast.models.teacher import load_teacher
 
