@@ -2,7 +2,7 @@
 
 `TrainConfig` (python -m dearkd_fast.train) and `InvertConfig` (python -m dearkd_fast.invert) hold
 every setting; `DataConfig` (the data flags) sits inside `TrainConfig`, `RunConfig` (the flags both
-tools share) inside both. The command-line parsers and the README's flag tables are built from
+tools share) inside both. The command-line parsers and the flag tables of docs/cli.md are built from
 these classes (`build_parser`, `flag_table`), so a default or a help text lives in exactly one place.
 A config checks itself when it is made (`InputError` naming the flag) and computes what derives from
 it (the stage-switch epoch, the device, the preset of an image size); nothing is written back.
@@ -142,7 +142,7 @@ def flag(default: Any = MISSING, help: str = "", *, group: str, name: str | None
          factory=None, shown: str | None = None, preset: str | None = None):
     """A dataclass field that is also a command-line flag (`--field-name` unless `name` is given).
 
-    `shown` is the default as the README prints it (for defaults computed at run time); `preset`
+    `shown` is the default as docs/cli.md prints it (for defaults computed at run time); `preset`
     names the InversionPreset field a None default falls back to (the help text says which values).
     """
     if preset is not None:
@@ -359,6 +359,12 @@ class TrainConfig:
                                   choices=("hard", "soft"))
     tau: float = flag(1.0, "soft-KD temperature", group="distillation")
     align_standardize: bool = flag(False, "per-channel standardise teacher maps before alignment", group="distillation")
+    align_blocks: str | None = flag(None, "comma-separated student blocks aligned to the teacher (default: its MHCA "
+                                    "blocks), split evenly over the taps in order", group="distillation")
+    beta_decay: bool = flag(False, "decay the alignment weight linearly from --beta to 0 over stage 1 (per epoch)",
+                            group="distillation")
+    num_mhca: int | None = flag(None, "student blocks (the first K) with MHCA; 0: plain attention throughout "
+                                "(default: the model's)", group="models")
     output: str = flag(help="output folder", group="run", factory=_default_run_dir, shown="runs/<date-time>")
     checkpoint_every: int = flag(0, "also checkpoint every N steps (0: at epoch ends only); needs the torchvision "
                                  "loader (DALI cannot restart mid-epoch)", group="checkpoints")
@@ -406,12 +412,33 @@ class TrainConfig:
         _finite("--smoothing", self.smoothing, low=0.0)
         _check(self.smoothing < 1.0, f"--smoothing must be < 1, got {self.smoothing}")
         _check(not (self.mixes and self.batch_size % 2), "--mixup/--cutmix need an even --batch-size")
+        _check(self.num_mhca is None or self.num_mhca >= 0, f"--num-mhca must be >= 0, got {self.num_mhca}")
+        _ = self.aligned_blocks  # parses --align-blocks or refuses it
         _check(not (self.teacher_ckpt and self.teacher_weights), "give --teacher-ckpt or --teacher-weights, not both")
         _check(self.teacher_ckpt is not None or self.teacher_weights is not None or self.teacher_epochs >= 1
                or not self.needs_teacher,
                "stage 1 needs a teacher: give --teacher-ckpt, --teacher-weights or --teacher-epochs >= 1" if self.epochs
                else "--epochs 0 runs the teacher alone: give --teacher-epochs >= 1, --teacher-ckpt or --teacher-weights")
         _check(bool(self.output), "--output must not be empty")
+
+    @property
+    def aligned_blocks(self) -> list[int] | None:
+        """--align-blocks as block indices (None: the student's MHCA blocks)."""
+        if self.align_blocks is None:
+            return None
+        try:
+            blocks = [int(b) for b in self.align_blocks.split(",")]
+        except ValueError:
+            raise InputError(f"--align-blocks must be comma-separated block indices, got '{self.align_blocks}'") from None
+        _check(len(set(blocks)) == len(blocks) and min(blocks) >= 0,
+               f"--align-blocks must be distinct indices >= 0, got '{self.align_blocks}'")
+        return blocks
+
+    def beta_at(self, epoch: int) -> float:
+        """The alignment weight of an epoch: --beta, or with --beta-decay beta x (1 - epoch / E1) in stage 1."""
+        if not self.beta_decay:
+            return self.beta
+        return self.beta * max(0.0, 1.0 - epoch / max(1, self.switch_epoch))
 
     @property
     def switch_epoch(self) -> int:
@@ -633,7 +660,7 @@ class NativeConfig:
 
 @dataclass(frozen=True)
 class StudyTier:
-    """What every run of one tier of the study shares (python -m dearkd_fast.study; README, Results)."""
+    """What every run of one tier of the study shares (python -m dearkd_fast.study; docs/study.md)."""
 
     model: str
     teacher: str
@@ -658,6 +685,7 @@ class StudyTier:
     no_stage2_seeds: int | None = None  # seeds of the rows without stage 2 (None: seeds)
     evals: int | None = None  # validations per student run (about; at least one a stage); None: every epoch
     tune: bool = False  # first pick each method's settings (TUNING) on a hold-out of the training split
+    ablate: bool = False  # then train DearKD's choice with each change of study.ABLATIONS on that hold-out
 
 
 # the cpu-long tier's teacher (cifar_widenet): SGD (Nesterov) with label smoothing 0.2, batch 512
@@ -665,7 +693,7 @@ STRONG_TEACHER = ("--teacher-opt", "sgd", "--teacher-lr", "0.2", "--teacher-weig
                   "--teacher-smoothing", "0.2")
 # cpu: sized to finish within 45 minutes on the 2-core CPU machine; cpu-long: the scarce-data question, within
 # 180 minutes of it (resumable across sittings); gpu: the full grid, sized to about 10 minutes
-# from the trainer's rate measured on an H200 (README, Results: the estimate). Both train with bf16 autocast.
+# from the trainer's rate measured on an H200 (docs/study.md: the estimate). Both train with bf16 autocast.
 STUDY_TIERS: dict[str, StudyTier] = {
     "cpu": StudyTier(model="dearkd_nano_patch4_32", teacher="cifar_resnet20", teacher_epochs=3, epochs=4, batch_size=128,
                      lr=2e-3, warmup_epochs=1, fractions=(0.1, 0.25), seeds=2, val_fraction=0.25, workers=2,
@@ -674,7 +702,8 @@ STUDY_TIERS: dict[str, StudyTier] = {
                           batch_size=128, lr=2e-3, warmup_epochs=1, fractions=(0.02, 0.1), seeds=3, val_fraction=0.2,
                           workers=2, synthetic_per_class=50, synthetic_epochs=100, synthetic_batch_size=100,
                           invert_iterations=200, teacher_flags=STRONG_TEACHER, teacher_batch_size=512,
-                          teacher_val_fraction=1.0, steps=(800, 1600), no_stage2_seeds=1, evals=20, tune=True),
+                          teacher_val_fraction=1.0, steps=(800, 1600), no_stage2_seeds=1, evals=20, tune=True,
+                          ablate=True),
     "gpu": StudyTier(model="dearkd_tiny_patch4_32", teacher="cifar_resnet20", teacher_epochs=3, epochs=2, batch_size=512,
                      lr=2e-3, warmup_epochs=1, fractions=(0.1, 0.25, 0.5, 1.0), seeds=2, val_fraction=0.4, workers=12,
                      synthetic_per_class=30, synthetic_epochs=8, synthetic_batch_size=128, invert_iterations=120),
@@ -936,7 +965,7 @@ def flat(cfg) -> dict[str, Any]:
 
 
 def flag_table(cls) -> str:
-    """The README's markdown table of every flag of cls: flag, default, meaning."""
+    """docs/cli.md's markdown table of every flag of cls: flag, default, meaning."""
     rows = ["| flag | default | meaning |", "|---|---|---|"]
     group = None
     fields = _flag_fields(cls)
@@ -961,5 +990,5 @@ def flag_table(cls) -> str:
 TOOL_CONFIGS = {"train": TrainConfig, "invert": InvertConfig, "eval": EvalConfig, "study": StudyConfig,
                 "native": NativeConfig}
 
-if __name__ == "__main__":  # python -m dearkd_fast.config train|invert|study|native: the README's flag table of a tool
+if __name__ == "__main__":  # python -m dearkd_fast.config train|invert|study|native: a tool's flag table for docs/cli.md
     print(flag_table(TOOL_CONFIGS[sys.argv[1]]), end="")

@@ -100,12 +100,15 @@ class DearKDLoss(nn.Module):
         self.stage = 1
         self.last_terms: dict[str, Tensor] = {}
 
-    def set_stage(self, stage: int, model: nn.Module | None = None) -> None:
+    def set_stage(self, stage: int, model: nn.Module | None = None, beta: float | None = None) -> None:
         """1: CE + KD + alignment (teacher runs); 2: labels only on both heads (teacher never runs).
-        Given the student (or its DDP wrapper), also switch on its distilled training output."""
+        Given the student (or its DDP wrapper), also switch on its distilled training output; given beta, the
+        alignment weight from now on (a schedule such as --beta-decay)."""
         if stage not in (1, 2):
             raise InputError(f"stage must be 1 or 2, got {stage}")
         self.stage = stage
+        if beta is not None:
+            self.beta = float(beta)
         if model is not None:
             getattr(model, "module", model).set_distilled_training(True)
 

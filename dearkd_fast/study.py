@@ -1,6 +1,6 @@
 """python -m dearkd_fast.study: does DearKD do what the paper claims? One resumable command.
 
-The grid (README, Results): one CNN teacher trained once on the whole training split, then students that
+The grid (docs/study.md): one CNN teacher trained once on the whole training split, then students that
 share architecture, epochs, augmentation and optimizer:
 
     scratch           no teacher (stage 2 from the first epoch: CE on both heads)
@@ -33,7 +33,9 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
+from typing import Callable
 
+import timm
 import torch
 from tqdm import tqdm
 
@@ -99,6 +101,17 @@ TUNING: dict[str, list[Candidate]] = {
     "dearkd": _grid((), ("--align-standardize",)),
 }
 TUNED_AS = {"dearkd-no-stage2": "dearkd"}
+# a tier with ablate=True then trains, on the same hold-out, fraction and seed, DearKD's chosen candidate with one
+# change each: variant -> its extra trainer flags given (epochs E, student depth, the student's MHCA blocks).
+# Standardised against raw teacher maps is already a tuning axis (TUNING). They inform; the finals do not use them.
+ABLATIONS: dict[str, Callable[[int, int, int], tuple[str, ...]]] = {
+    "alignment weight decayed to 0 within stage 1": lambda e, depth, k: ("--beta-decay",),
+    "every block aligned": lambda e, depth, k: ("--align-blocks", ",".join(map(str, range(depth)))),
+    "plain attention, the same alignment": lambda e, depth, k: ("--num-mhca", "0", "--align-blocks",
+                                                                ",".join(map(str, range(k)))),
+    "stage 1 for a third of the epochs": lambda e, depth, k: ("--stage1-epochs", str(max(1, e // 3))),
+    "no stage 2": lambda e, depth, k: ("--stage1-epochs", str(e)),
+}
 
 
 @dataclass
@@ -116,6 +129,7 @@ class Run:
     seed: int | None = None
     candidate: Candidate | None = None
     tuning: bool = False
+    ablation: str | None = None  # the ABLATIONS variant this hold-out run stands for
 
     def command(self, extra: list[str]) -> str:
         return shlex.join([sys.executable, "-m", f"dearkd_fast.{self.tool}", *self.argv, *extra])
@@ -206,6 +220,13 @@ def plan(cfg: StudyConfig, root: str, sizes: Sizes, chosen: dict[str, Candidate]
             return runs
     default = Candidate(t.lr)
     pick = {m: (chosen or {}).get(TUNED_AS.get(m, m), default) for m in METHODS}
+    if t.tune and t.ablate:
+        frac, (depth, k) = min(t.fractions), _student_shape(t.model)
+        for i, (variant, extra) in enumerate(ABLATIONS.items()):
+            e = _schedule(t, frac, sizes.tuning[frac], t.batch_size, t.epochs)[0]
+            cand = dataclasses.replace(pick["dearkd"], flags=pick["dearkd"].flags + extra(e, depth, k))
+            r = student(real + ["--val-data", HOLDOUT], f"ablate-{i}", sizes.tuning[frac], frac, 0, "dearkd", cand)
+            runs.append(dataclasses.replace(r, ablation=variant))
     for frac in t.fractions:
         for seed in range(t.seeds):
             for method in METHODS:
@@ -237,6 +258,13 @@ def plan(cfg: StudyConfig, root: str, sizes: Sizes, chosen: dict[str, Candidate]
                                 cost=schedule[0] * (n_synth + 0.2 * sizes.num_train * t.val_fraction),
                                 method=method, seed=seed, candidate=cand))
     return runs
+
+
+def _student_shape(model: str) -> tuple[int, int]:
+    """(blocks, MHCA blocks) of a student, built on the meta device."""
+    with torch.device("meta"):
+        m = timm.create_model(model)
+    return len(m.blocks), m.num_mhca
 
 
 def choose(runs: list[Run]) -> dict[str, Candidate]:
@@ -427,7 +455,7 @@ def collect(cfg: StudyConfig, root: str, runs: list[Run], state: dict) -> dict:
     rows = []
     groups: dict[tuple, list[Run]] = {}
     for r in runs[1:]:
-        if r.method is not None and not r.tuning:
+        if r.method is not None and not r.tuning and r.ablation is None:
             groups.setdefault((r.method, r.fraction), []).append(r)
     for (method, frac), members in groups.items():
         sums = [_summary(r) for r in members]
@@ -452,6 +480,8 @@ def collect(cfg: StudyConfig, root: str, runs: list[Run], state: dict) -> dict:
         tuning.append({"method": r.method, "candidate": r.candidate.label, "fraction": r.fraction, "run": r.name,
                        "holdout_top1": s["final_top1"], "num_val_samples": s["num_val_samples"],
                        "chosen": chosen.get(r.method) == r.candidate})
+    ablations = [{"variant": r.ablation, "candidate": r.candidate.label, "fraction": r.fraction, "run": r.name,
+                  "holdout_top1": _summary(r)["final_top1"]} for r in runs if r.ablation is not None]
     synth = {}
     for r in runs:
         if r.tool == "invert":
@@ -461,7 +491,7 @@ def collect(cfg: StudyConfig, root: str, runs: list[Run], state: dict) -> dict:
     table = {"tier": cfg.tier, "data": cfg.data, "settings": {**dataclasses.asdict(t), "fractions": list(t.fractions)},
              "teacher": {"arch": t.teacher, "top1": teacher["teacher_top1"], "epochs": t.teacher_epochs,
                          "wall_s": state["wall_s"].get("teacher")},
-             "rows": rows, "tuning": tuning, "synthetic": synth,
+             "rows": rows, "tuning": tuning, "ablations": ablations, "synthetic": synth,
              "total_wall_s": round(sum(v for v in state["wall_s"].values() if v), 1),
              "machine": machine(), "date": time.strftime("%Y-%m-%d")}
     table["markdown"] = markdown(table)
@@ -509,6 +539,17 @@ def markdown(table: dict) -> str:
         for r in tuning:
             cell = f"**{r['holdout_top1']:.2f}**" if r["chosen"] else f"{r['holdout_top1']:.2f}"
             lines.append(f"| {r['method']} | `{r['candidate']}` | {cell} |")
+    if table.get("ablations"):
+        base = next(r for r in table["tuning"] if r["method"] == "dearkd" and r["chosen"])
+        deit = next((r for r in table["tuning"] if r["method"] == "deit" and r["chosen"]), None)
+        lines += ["", f"Ablations of DearKD's chosen candidate (`{base['candidate']}`: **{base['holdout_top1']:.2f}** "
+                  f"on the hold-out" + (f"; DeiT-style's best {deit['holdout_top1']:.2f}" if deit else "")
+                  + "), one change each, the same hold-out, fraction and seed (one seed: compare with the seed "
+                  "spread above):", "", "| variant | flags | hold-out top-1 | vs chosen |", "|---|---|---|---|"]
+        for r in table["ablations"]:
+            extra = r["candidate"].removeprefix(base["candidate"]).strip()
+            lines.append(f"| {r['variant']} | `{extra}` | {r['holdout_top1']:.2f} | "
+                         f"{r['holdout_top1'] - base['holdout_top1']:+.2f} |")
     df = [r for r in table["rows"] if r["data_free"]]
     if df:
         lines += ["", f"Data-free (students trained only on images synthesised from the teacher, "

@@ -106,6 +106,7 @@ def check_inputs(cfg: TrainConfig) -> tuple[OutputFolder, dict | None]:
     if not is_student(cfg.model):
         raise InputError(f"--model {cfg.model} is not a DearKD student (no distillation head); choose one of "
                          + ", ".join(timm.list_models("dearkd_*")))
+    check_student_shape(cfg)
     if cfg.needs_teacher and cfg.teacher_ckpt is None:
         check_teacher_arch(cfg.teacher)
         check_teacher_input(cfg.teacher, cfg.model)
@@ -134,6 +135,20 @@ def check_inputs(cfg: TrainConfig) -> tuple[OutputFolder, dict | None]:
     ck = load_checkpoint(os.path.join(out.root, "checkpoint.pt"))
     check_resume_args(ck["args"], config.flat(cfg))
     return out, ck
+
+
+def check_student_shape(cfg: TrainConfig) -> None:
+    """--num-mhca and --align-blocks fit the student's depth (built on the meta device: no memory)."""
+    if cfg.num_mhca is None and cfg.align_blocks is None:
+        return
+    with torch.device("meta"):
+        model = timm.create_model(cfg.model, **({"num_mhca": cfg.num_mhca} if cfg.num_mhca is not None else {}))
+    depth = len(model.blocks)
+    bad = [b for b in cfg.aligned_blocks or [] if b >= depth]
+    if bad:
+        raise InputError(f"--align-blocks: {cfg.model} has blocks 0-{depth - 1}, not {bad[0]}")
+    if cfg.needs_teacher and cfg.beta > 0 and not (cfg.aligned_blocks or model.num_mhca):
+        raise InputError("--num-mhca 0 leaves no block to align: give --align-blocks (or --beta 0)")
 
 
 def check_resume_args(stored: dict, now: dict) -> None:
@@ -237,7 +252,7 @@ def build_student(cfg: TrainConfig, num_classes: int, teacher: Teacher | None, s
                   device: torch.device) -> Student:
     """The student (in distilled training, with alignment projections sized from the teacher's taps), its
     DearKD criterion, AdamW over the student and the per-step warm-up + cosine schedule."""
-    extra = {"drop_path_rate": cfg.drop_path} if cfg.drop_path is not None else {}
+    extra = {k: v for k, v in (("drop_path_rate", cfg.drop_path), ("num_mhca", cfg.num_mhca)) if v is not None}
     model = timm.create_model(cfg.model, num_classes=num_classes, **extra).to(device)
     if cfg.finetune is not None:  # every trained tensor but the two heads, which start afresh for these classes
         body = {k: v for k, v in finetune_weights(cfg.finetune)[1].items() if not k.startswith(("head.", "head_dist."))}
@@ -247,7 +262,7 @@ def build_student(cfg: TrainConfig, num_classes: int, teacher: Teacher | None, s
                                   f"({(unexpected or missing)[0]})")
     model.set_distilled_training(True)
     if teacher is not None and cfg.beta > 0:
-        model.set_alignment(teacher.channels())
+        model.set_alignment(teacher.channels(), cfg.aligned_blocks)
     criterion = DearKDLoss(base_criterion(cfg), teacher, cfg.distillation_type if teacher is not None else "none",
                            cfg.alpha, cfg.tau, beta=cfg.beta, standardize_target=cfg.align_standardize,
                            backend=cfg.run.backend)
@@ -298,7 +313,7 @@ def fit(cfg: TrainConfig, out: OutputFolder, s: Student, data: DataBundle, teach
     with StopRequest() as stop:
         for epoch in range(s.start_epoch, cfg.epochs):
             stage = 1 if epoch < cfg.switch_epoch else 2
-            s.criterion.set_stage(stage)
+            s.criterion.set_stage(stage, beta=cfg.beta_at(epoch))
             if stage == 2 and teacher is not None:
                 teacher.offload()  # never run again: its memory goes back to the device
             resumed = s.resume_state if epoch == s.start_epoch else None

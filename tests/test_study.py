@@ -267,7 +267,21 @@ def test_cpu_long_tunes_on_a_hold_out_never_reading_the_test_split(tmp_path, mon
         assert seen[name]["val"] and all(os.path.realpath(p).startswith(os.path.realpath(train_dir) + os.sep)
                                          for p in seen[name]["val"]), name
         assert summary(root, name)["args"]["val_data"] == "holdout"
-    finals = [n for n in seen if n != "teacher" and not n.startswith("tune-")]
+    # the ablations: DearKD's chosen candidate with one change each, on the same hold-out
+    ablations = [n for n in seen if n.startswith("ablate-")]
+    assert len(ablations) == len(study.ABLATIONS) == len(table["ablations"])
+    chosen = next(r for r in table["tuning"] if r["method"] == "dearkd" and r["chosen"])
+    for name, row in zip(ablations, table["ablations"]):
+        assert test_root not in seen[name]["scanned"] and summary(root, name)["args"]["val_data"] == "holdout"
+        assert row["candidate"].startswith(chosen["candidate"]) and row["candidate"] != chosen["candidate"]
+    args = [summary(root, n)["args"] for n in ablations]
+    assert [a["beta_decay"] for a in args] == [True, False, False, False, False]
+    assert args[1]["align_blocks"] == "0,1,2,3" and (args[2]["num_mhca"], args[2]["align_blocks"]) == (0, "0")
+    e = args[4]["epochs"]
+    assert (args[3]["stage1_epochs"], args[4]["stage1_epochs"]) == (max(1, e // 3), e)
+    with open(os.path.join(root, "table.md")) as f:
+        assert "Ablations" in f.read()
+    finals = [n for n in seen if n != "teacher" and not n.startswith(("tune-", "ablate-"))]
     assert len(finals) == len(study.METHODS)
     for name in finals:
         assert test_root in seen[name]["scanned"]

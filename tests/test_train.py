@@ -188,3 +188,49 @@ def test_readme_dropin_snippet_runs(tiny_run):
     scope = {"images": torch.randn(2, 3, 32, 32), "labels": torch.tensor([1, 2])}
     exec(compile(code, "README.md", "exec"), scope)
     assert torch.isfinite(scope["loss"]) and scope["criterion"].stage == 2
+
+
+def test_beta_decay_schedule():
+    from dearkd_fast.config import TrainConfig
+
+    cfg = TrainConfig(epochs=6, stage1_epochs=4, beta=2.0, beta_decay=True)
+    assert [cfg.beta_at(e) for e in range(6)] == [2.0, 1.5, 1.0, 0.5, 0.0, 0.0]
+    assert [TrainConfig(epochs=6, beta=2.0).beta_at(e) for e in range(6)] == [2.0] * 6
+
+
+@pytest.mark.slow
+def test_ablation_flags_reach_the_loss_and_the_student(tmp_path):
+    """--beta-decay weights each stage-1 epoch's alignment by its own beta (the epoch means add up as the loss
+    does); --num-mhca 0 with --align-blocks builds plain attention with projections on the named blocks."""
+    out = tmp_path / "decay"
+    assert main(TINY + ["--epochs", "3", "--stage1-epochs", "2", "--beta", "2", "--beta-decay", "--output",
+                        str(out)]) == 0
+    records = json.loads((out / "summary.json").read_text())["epochs"]
+    for rec, beta in zip(records[:2], (2.0, 1.0)):
+        t = rec["train"]
+        assert t["loss"] == pytest.approx(0.5 * t["ce"] + 0.5 * t["kd"] + beta * t["align"], rel=1e-4)
+    out = tmp_path / "plain"
+    assert main(TINY + ["--epochs", "1", "--num-mhca", "0", "--align-blocks", "0,2,3", "--output", str(out)]) == 0
+    from dearkd_fast.models.student import MHCA
+
+    ck = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)
+    keys = [k for k in ck["student"] if k.startswith("align_proj.") and k.endswith(".weight")]
+    assert len(keys) == 3
+    import timm
+
+    m = timm.create_model("dearkd_micro_patch4_32", num_mhca=0, num_classes=10)
+    assert not any(isinstance(b.attn, MHCA) for b in m.blocks)
+    m.set_distilled_training(True)
+    m.set_alignment([32, 64], [0, 2, 3])
+    m.load_state_dict(ck["student"])  # the run's student is that network, strictly
+
+
+@pytest.mark.slow
+def test_ablation_flags_refuse_bad_values(tmp_path, capsys):
+    out = ["--output", str(tmp_path / "o")]
+    assert "has blocks 0-5, not 9" in _bad(capsys, ["--align-blocks", "0,9"] + out)
+    assert "--align-blocks must be comma-separated" in _bad(capsys, ["--align-blocks", "a"] + out)
+    assert "distinct" in _bad(capsys, ["--align-blocks", "1,1"] + out)
+    assert "no block to align" in _bad(capsys, ["--num-mhca", "0"] + out)
+    assert "--num-mhca must be >= 0" in _bad(capsys, ["--num-mhca", "-1"] + out)
+    assert not (tmp_path / "o").exists()
