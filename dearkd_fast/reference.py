@@ -2,7 +2,7 @@
 
 Each function states its formula. They accept any floating dtype and accumulate in at least
 fp32 (float64 stays float64), so the same code is the float64 reference in the tests.
-The formulation is the project's own (README, "What is implemented: our formulation"), not the paper's exact equations.
+The formulation is the project's own (docs/method.md), not the paper's exact equations.
 """
 from __future__ import annotations
 
@@ -130,7 +130,7 @@ def tv_losses(x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def bpid_loss(features: Tensor, logits: Tensor, labels: Tensor, margin: float, lam: float) -> Tensor:
-    """Boundary-preserving intra-divergence (our formulation, see the README).
+    """Boundary-preserving intra-divergence (our formulation, docs/method.md).
 
     z_i = features_i / ||features_i||;
     L = - mean_{i != j, y_i = y_j} ||z_i - z_j||_2
