@@ -87,13 +87,13 @@ def load_inversion_teacher(cfg: InvertConfig) -> tuple[torch.nn.Module, TeacherS
     return model, spec
 
 
-def prepare_output(cfg: InvertConfig, s: SynthesisSettings) -> tuple[OutputFolder, dict]:
+def prepare_output(cfg: InvertConfig, settings: SynthesisSettings) -> tuple[OutputFolder, dict]:
     """Claim --output (only an empty folder, or this tool's own run with --resume / --overwrite, which
     removes only the files its manifest lists) and return the progress state: read back on --resume
     (settings must match), else new."""
     out = OutputFolder.open(cfg.output, PROG, resume=cfg.run.resume, overwrite=cfg.run.overwrite,
                             resume_file="progress.json", exclusive=True)
-    state = {"settings": s.as_dict(), "done": {}}
+    state = {"settings": settings.as_dict(), "done": {}}
     if cfg.run.resume:
         try:
             with open(os.path.join(out.root, "progress.json")) as f:
@@ -101,13 +101,14 @@ def prepare_output(cfg: InvertConfig, s: SynthesisSettings) -> tuple[OutputFolde
             stored = state["settings"]
         except (OSError, ValueError, KeyError, TypeError):
             raise InputError(f"--resume: '{os.path.join(out.root, 'progress.json')}' is unreadable") from None
-        if stored != s.as_dict():
-            diff = sorted(k for k, v in s.as_dict().items() if stored.get(k) != v)
+        if stored != settings.as_dict():
+            diff = sorted(k for k, v in settings.as_dict().items() if stored.get(k) != v)
             raise InputError(f"--resume: settings differ from the run in '{out.root}': {', '.join(diff)}")
     return out, state
 
 
-def build_objective(cfg: InvertConfig, model: torch.nn.Module, s: SynthesisSettings, device: torch.device) -> DeepInversionLoss:
+def build_objective(cfg: InvertConfig, model: torch.nn.Module, settings: SynthesisSettings,
+                    device: torch.device) -> DeepInversionLoss:
     """DeepInversion (+ BPID) (+ ADI against a student) on the frozen teacher."""
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -115,24 +116,25 @@ def build_objective(cfg: InvertConfig, model: torch.nn.Module, s: SynthesisSetti
     if cfg.student_ckpt:
         student = load_student(cfg.student_ckpt, device)[0]
     elif cfg.student:
-        student = create_classifier(cfg.student, s.num_classes, pretrained=cfg.student_pretrained,
+        student = create_classifier(cfg.student, settings.num_classes, pretrained=cfg.student_pretrained,
                                     weights=cfg.student_weights).to(device)
     if student is not None:
         freeze(student)
-    crit = DeepInversionLoss(model, r_bn=s.r_bn, first_bn_mult=s.first_bn_mult, tv_l2=s.tv_l2, tv_l1=s.tv_l1, l2=s.l2,
-                             bpid=s.bpid, bpid_margin=s.bpid_margin, bpid_lambda=s.bpid_lambda, adi=s.adi,
-                             adi_temperature=s.adi_temperature, student=student, backend=cfg.run.backend)
+    st = settings
+    crit = DeepInversionLoss(model, r_bn=st.r_bn, first_bn_mult=st.first_bn_mult, tv_l2=st.tv_l2, tv_l1=st.tv_l1,
+                             l2=st.l2, bpid=st.bpid, bpid_margin=st.bpid_margin, bpid_lambda=st.bpid_lambda,
+                             adi=st.adi, adi_temperature=st.adi_temperature, student=student, backend=cfg.run.backend)
     if cfg.run.compile:
         crit.teacher = torch.compile(model)
     return crit
 
 
 def synthesize_all(cfg: InvertConfig, out: OutputFolder, crit: DeepInversionLoss, spec: TeacherSpec,
-                   s: SynthesisSettings, state: dict, device: torch.device, d: Dist | None = None) -> None:
+                   settings: SynthesisSettings, state: dict, device: torch.device, d: Dist | None = None) -> None:
     """Every batch not yet done: optimise it from seed + k, write its PNGs, record it in progress.json. Under
     torchrun the ranks take turns (batch k on rank k mod N, each writing its own images); rank 0 records."""
     d = d or Dist()
-    plan = batches(len(s.targets), s.images_per_class, s.batch_size)
+    plan = batches(len(settings.targets), settings.images_per_class, settings.batch_size)
     todo = [k for k in range(len(plan)) if str(k) not in state["done"]]
     bar = tqdm(total=len(plan), initial=len(state["done"]), desc="batches", disable=not cfg.run.progress, dynamic_ncols=True)
     for r in range(0, len(todo), d.world_size):
@@ -140,15 +142,15 @@ def synthesize_all(cfg: InvertConfig, out: OutputFolder, crit: DeepInversionLoss
         result = None
         if k is not None:
             ids = plan[k]
-            targets = torch.tensor([target_of(s, j) for j in ids], device=device)
-            x, terms = synthesize_batch(crit, targets, s, spec, s.seed + k, device, cfg.run.progress,
+            targets = torch.tensor([target_of(settings, j) for j in ids], device=device)
+            x, terms = synthesize_batch(crit, targets, settings, spec, settings.seed + k, device, cfg.run.progress,
                                         f"batch {k + 1}/{len(plan)}")
             if not (torch.isfinite(x).all() and all(math.isfinite(v) for v in terms.values())):
                 raise RunError(f"batch {k + 1}: the objective diverged (loss {terms['loss']}); lower --lr or the "
                                "coefficients. Finished batches are kept: --resume continues")
-            rels = [os.path.relpath(image_path(out.root, spec, s, j), out.root) for j in ids]
+            rels = [os.path.relpath(image_path(out.root, spec, settings, j), out.root) for j in ids]
             out.record(rels)  # owned before they are written
-            save_images(x, ids, out.root, spec, s)
+            save_images(x, ids, out.root, spec, settings)
             result = (k, terms, rels)
         for done in distributed.gather(result):  # rank 0 records every rank's finished batch
             if done is None or not d.main:
@@ -162,19 +164,19 @@ def synthesize_all(cfg: InvertConfig, out: OutputFolder, crit: DeepInversionLoss
     crit.close()
 
 
-def finalise(cfg: InvertConfig, out: OutputFolder, model: torch.nn.Module, spec: TeacherSpec, s: SynthesisSettings,
+def finalise(cfg: InvertConfig, out: OutputFolder, model: torch.nn.Module, spec: TeacherSpec, settings: SynthesisSettings,
              state: dict, device: torch.device, t0: float) -> dict:
     """Judge the saved PNGs with the teacher and write meta.json."""
-    n_images = len(s.targets) * s.images_per_class
-    acc, dist = evaluate_synthetic(model, out.root, spec, s, n_images, device)
+    n_images = len(settings.targets) * settings.images_per_class
+    acc, dist = evaluate_synthetic(model, out.root, spec, settings, n_images, device)
     finals = list(state["done"].values())
     meta = {
-        "settings": s.as_dict(),
-        "seed": s.seed,
+        "settings": settings.as_dict(),
+        "seed": settings.seed,
         "teacher": spec.arch,
         "teacher_ckpt": cfg.teacher_ckpt,
         "class_names": spec.class_names,
-        "targets": list(s.targets),
+        "targets": list(settings.targets),
         "num_images": n_images,
         "teacher_accuracy": acc,
         "bn_loss_final": float(np.mean([t["bn"] for t in finals])),
@@ -197,20 +199,20 @@ def run(cfg: InvertConfig) -> dict:
     try:
         check_inputs(cfg)
         model, spec = load_inversion_teacher(cfg)
-        s = cfg.synthesis(spec.arch, spec.num_classes, spec.input_size)
-        out, state = claim_output(cfg, s, d)
+        settings = cfg.synthesis(spec.arch, spec.num_classes, spec.input_size)
+        out, state = claim_output(cfg, settings, d)
         model = model.to(device)
-        crit = build_objective(cfg, model, s, device)
-        synthesize_all(cfg, out, crit, spec, s, state, device, d)
-        return finalise(cfg, out, model, spec, s, state, device, t0) if d.main else {}
+        crit = build_objective(cfg, model, settings, device)
+        synthesize_all(cfg, out, crit, spec, settings, state, device, d)
+        return finalise(cfg, out, model, spec, settings, state, device, t0) if d.main else {}
     finally:
         distributed.close()
 
 
-def claim_output(cfg: InvertConfig, s: SynthesisSettings, d: Dist) -> tuple[OutputFolder, dict]:
+def claim_output(cfg: InvertConfig, settings: SynthesisSettings, d: Dist) -> tuple[OutputFolder, dict]:
     """prepare_output on rank 0 (a refusal ends every rank alike); the others get its progress state and
     write only the image files of their batches, which rank 0 records."""
-    res = distributed.on_rank0(lambda: prepare_output(cfg, s))
+    res = distributed.on_rank0(lambda: prepare_output(cfg, settings))
     state = distributed.broadcast(res[1] if d.main else None)
     return (res[0] if d.main else PeerFolder(cfg.output, PROG)), state
 
@@ -225,9 +227,9 @@ def batches(num_targets: int, per_class: int, batch_size: int) -> list[list[int]
     return [ids[i:i + batch_size] for i in range(0, len(ids), batch_size)]
 
 
-def target_of(s: SynthesisSettings, j: int) -> int:
+def target_of(settings: SynthesisSettings, j: int) -> int:
     """The class of image j."""
-    return s.targets[j % len(s.targets)]
+    return settings.targets[j % len(settings.targets)]
 
 
 def mean_std(spec: TeacherSpec, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
@@ -242,7 +244,7 @@ def pixel_bounds(spec: TeacherSpec, device) -> tuple[torch.Tensor, torch.Tensor]
     return (0 - m) / s, (1 - m) / s
 
 
-def synthesize_batch(crit: DeepInversionLoss, targets: torch.Tensor, s: SynthesisSettings, spec: TeacherSpec, seed: int,
+def synthesize_batch(crit: DeepInversionLoss, targets: torch.Tensor, settings: SynthesisSettings, spec: TeacherSpec, seed: int,
                      device: torch.device, progress: bool, desc: str) -> tuple[torch.Tensor, dict]:
     """Optimise one batch of images from noise, phase by phase (half resolution first when the settings have
     one); each iteration average-pools (half resolution), rolls by a random jitter, flips at random, then
@@ -251,21 +253,21 @@ def synthesize_batch(crit: DeepInversionLoss, targets: torch.Tensor, s: Synthesi
     terms."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     rng = random.Random(seed)
-    x = torch.randn((len(targets), 3, s.resolution, s.resolution), generator=gen).to(device)
+    x = torch.randn((len(targets), 3, settings.resolution, settings.resolution), generator=gen).to(device)
     if device.type == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)
     x.requires_grad_()
     lo, hi = pixel_bounds(spec, device)
-    phases = [(pool, n) for pool, n in ((2, s.low_res_iterations), (1, s.iterations)) if n > 0]
-    best = BestImages(x) if s.keep == "best" else None
+    phases = [(pool, n) for pool, n in ((2, settings.low_res_iterations), (1, settings.iterations)) if n > 0]
+    best = BestImages(x) if settings.keep == "best" else None
     bar = tqdm(total=sum(n for _, n in phases), desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
     for pool, iters in phases:
-        opt = torch.optim.Adam([x], lr=s.lr, betas=s.betas, eps=1e-8)
-        sched = engine.cosine_schedule(opt, s.warmup, iters, min_ratio=0.0) if s.schedule == "cosine" else None
-        jitter = s.jitter_px // pool
+        opt = torch.optim.Adam([x], lr=settings.lr, betas=settings.betas, eps=1e-8)
+        sched = engine.cosine_schedule(opt, settings.warmup, iters, min_ratio=0.0) if settings.schedule == "cosine" else None
+        jitter = settings.jitter_px // pool
         for it in range(iters):
-            with engine.autocast(device, s.amp):
-                loss = crit(jittered_view(x, pool, jitter, s.flip, rng), targets)
+            with engine.autocast(device, settings.amp):
+                loss = crit(jittered_view(x, pool, jitter, settings.flip, rng), targets)
             if best is not None:
                 best.offer(loss, x, crit.last_terms)
             opt.zero_grad(set_to_none=True)
@@ -273,7 +275,7 @@ def synthesize_batch(crit: DeepInversionLoss, targets: torch.Tensor, s: Synthesi
             opt.step()
             if sched is not None:
                 sched.step()
-            if s.clip:
+            if settings.clip:
                 with torch.no_grad():
                     x.clamp_(min=lo, max=hi)
             bar.update(1)
@@ -314,29 +316,29 @@ def to_uint8(x: torch.Tensor, spec: TeacherSpec) -> np.ndarray:
     return img.permute(0, 2, 3, 1).contiguous().numpy()
 
 
-def image_path(output: str, spec: TeacherSpec, s: SynthesisSettings, j: int) -> str:
-    return os.path.join(output, spec.class_names[target_of(s, j)], f"{j // len(s.targets):05d}.png")
+def image_path(output: str, spec: TeacherSpec, settings: SynthesisSettings, j: int) -> str:
+    return os.path.join(output, spec.class_names[target_of(settings, j)], f"{j // len(settings.targets):05d}.png")
 
 
-def save_images(x: torch.Tensor, ids: list[int], output: str, spec: TeacherSpec, s: SynthesisSettings) -> None:
+def save_images(x: torch.Tensor, ids: list[int], output: str, spec: TeacherSpec, settings: SynthesisSettings) -> None:
     """Each PNG written to a temporary sibling and renamed: a kill never leaves a partial image."""
     for img, j in zip(to_uint8(x, spec), ids):
-        with atomic_write(image_path(output, spec, s, j)) as f:
+        with atomic_write(image_path(output, spec, settings, j)) as f:
             Image.fromarray(img).save(f, format="PNG")
 
 
 @torch.no_grad()
-def evaluate_synthetic(model: torch.nn.Module, output: str, spec: TeacherSpec, s: SynthesisSettings, n_images: int,
+def evaluate_synthetic(model: torch.nn.Module, output: str, spec: TeacherSpec, settings: SynthesisSettings, n_images: int,
                        device) -> tuple[float, float]:
     """Teacher accuracy on the saved PNGs (argmax == target, %) and mean intra-class feature distance."""
     model.eval()
     m, sd = mean_std(spec)
     correct, feats, labels = 0, [], []
-    for i in range(0, n_images, s.batch_size):
-        ids = list(range(i, min(n_images, i + s.batch_size)))
-        arr = np.stack([np.asarray(Image.open(image_path(output, spec, s, j)).convert("RGB")) for j in ids])
+    for i in range(0, n_images, settings.batch_size):
+        ids = list(range(i, min(n_images, i + settings.batch_size)))
+        arr = np.stack([np.asarray(Image.open(image_path(output, spec, settings, j)).convert("RGB")) for j in ids])
         x = ((torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 255 - m) / sd).to(device)
-        y = torch.tensor([target_of(s, j) for j in ids], device=device)
+        y = torch.tensor([target_of(settings, j) for j in ids], device=device)
         logits, z = penultimate(model, x)
         correct += (logits.argmax(1) == y).sum().item()
         feats.append(F.normalize(z.float().flatten(1), dim=1).cpu())

@@ -147,17 +147,17 @@ class DearKDLoss(nn.Module):
         """sum over the student's (tokens, W, b, tap) pairs of ops.feature_align_loss against the teacher's tap."""
         targets: dict[int, Tensor] = {}
         total = None
-        for tokens, weight, bias, s in align:
-            if s >= len(feats):
-                raise InputError(f"the student aligns to teacher tap {s}, the teacher has {len(feats)} taps "
+        for tokens, weight, bias, tap in align:
+            if tap >= len(feats):
+                raise InputError(f"the student aligns to teacher tap {tap}, the teacher has {len(feats)} taps "
                                  f"({', '.join(self.teacher.taps)})")
-            if s not in targets:  # once per tap, not per pair
-                targets[s] = self.align_target(feats[s], grid)
-            if weight.shape[0] != targets[s].shape[1]:
-                raise InputError(f"the student's projection for teacher tap '{self.teacher.taps[s]}' has "
-                                 f"{weight.shape[0]} channels, the tap has {targets[s].shape[1]}: size "
+            if tap not in targets:  # once per tap, not per pair
+                targets[tap] = self.align_target(feats[tap], grid)
+            if weight.shape[0] != targets[tap].shape[1]:
+                raise InputError(f"the student'tap projection for teacher tap '{self.teacher.taps[tap]}' has "
+                                 f"{weight.shape[0]} channels, the tap has {targets[tap].shape[1]}: size "
                                  "set_alignment() from this teacher")
-            term = ops.feature_align_loss(tokens, weight, bias, targets[s], backend=self.backend)
+            term = ops.feature_align_loss(tokens, weight, bias, targets[tap], backend=self.backend)
             total = term if total is None else total + term
         return total
 

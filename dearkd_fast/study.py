@@ -360,9 +360,11 @@ def _open_study(cfg: StudyConfig, root: str, runs: list[Run]) -> dict:
         try:
             with open(path, encoding="utf-8") as f:
                 state = json.load(f)
-            assert state.get("format") == STATE_FORMAT and isinstance(state.get("wall_s"), dict)
-        except (OSError, ValueError, AssertionError):
-            raise InputError(f"'{path}' is not a study state file; choose another --output") from None
+        except (OSError, ValueError):
+            state = None
+        if not (isinstance(state, dict) and state.get("format") == STATE_FORMAT
+                and isinstance(state.get("wall_s"), dict)):
+            raise InputError(f"'{path}' is not a study state file; choose another --output")
         _check_commands(root, runs)
     elif any(n != LOCK for n in os.listdir(root)):
         raise InputError(f"--output '{root}' is not empty and holds no study; choose a new or empty folder")

@@ -276,7 +276,7 @@ def build_student(cfg: TrainConfig, num_classes: int, teacher: Teacher | None, s
     return Student(model, criterion, optimizer, scheduler, step, steps_per_epoch, ema=ema)
 
 
-def resume(out: OutputFolder, s: Student, ck: dict | None) -> None:
+def restore_or_start(out: OutputFolder, student: Student, ck: dict | None) -> None:
     """Restore checkpoint `ck` (weights, optimizer, schedule, scaler, records, RNG; a mid-epoch one also
     the epoch's position and partial sums) and cut metrics.jsonl back to its finished epochs; for a new
     run (ck None) start metrics.jsonl empty."""
@@ -284,81 +284,88 @@ def resume(out: OutputFolder, s: Student, ck: dict | None) -> None:
     if ck is not None:
         rng, epoch_state = per_rank(ck["rng"], "rng"), per_rank(ck.get("epoch_state"), "epoch_state")
         try:
-            s.model.load_state_dict(ck["student"], strict=True)
-            s.optimizer.load_state_dict(ck["optimizer"])
-            s.scheduler.load_state_dict(ck["scheduler"])
-            if s.step.scaler is not None and ck.get("scaler"):
-                s.step.scaler.load_state_dict(ck["scaler"])
-            if s.ema is not None:
-                s.ema.load_state_dict(ck["ema"], strict=True)
+            student.model.load_state_dict(ck["student"], strict=True)
+            student.optimizer.load_state_dict(ck["optimizer"])
+            student.scheduler.load_state_dict(ck["scheduler"])
+            if student.step.scaler is not None and ck.get("scaler"):
+                student.step.scaler.load_state_dict(ck["scaler"])
+            if student.ema is not None:
+                student.ema.load_state_dict(ck["ema"], strict=True)
             set_rng_state(rng)
         except (RuntimeError, ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"--resume: checkpoint.pt in '{out.root}' does not fit this model "
                                   f"({type(e).__name__}); resume with the run's original flags") from None
-        s.records, s.resume_state = ck["records"], epoch_state
-        s.start_epoch = ck["epoch"] + (0 if s.resume_state else 1)
-        at = f"epoch {s.start_epoch + 1}, step {s.resume_state['step']}" if s.resume_state else f"epoch {s.start_epoch}"
+        student.records, student.resume_state = ck["records"], epoch_state
+        student.start_epoch = ck["epoch"] + (0 if student.resume_state else 1)
+        at = (f"epoch {student.start_epoch + 1}, step {student.resume_state['step']}" if student.resume_state
+              else f"epoch {student.start_epoch}")
         log(f"resumed after {at}")
     if DIST.main:
         with open(metrics, "w") as f:  # drop lines of epochs after the checkpoint
-            f.writelines(json.dumps(r) + "\n" for r in s.records)
+            f.writelines(json.dumps(r) + "\n" for r in student.records)
 
 
-def fit(cfg: TrainConfig, out: OutputFolder, s: Student, data: DataBundle, teacher: Teacher | None,
+def fit(cfg: TrainConfig, out: OutputFolder, student: Student, data: DataBundle, teacher: Teacher | None,
         device: torch.device) -> None:
     """Stage 1 for epochs < E1, stage 2 after; one record per epoch, appended to metrics.jsonl; a
     checkpoint at every epoch end, every --checkpoint-every steps, and on SIGINT / SIGTERM at the next
     step boundary (then Stopped)."""
     mix = mixup_fn(cfg, len(data.classes))
     with StopRequest() as stop:
-        for epoch in range(s.start_epoch, cfg.epochs):
+        for epoch in range(student.start_epoch, cfg.epochs):
             stage = 1 if epoch < cfg.switch_epoch else 2
-            s.criterion.set_stage(stage, beta=cfg.beta_at(epoch))
+            student.criterion.set_stage(stage, beta=cfg.beta_at(epoch))
             if stage == 2 and teacher is not None:
                 teacher.offload()  # never run again: its memory goes back to the device
-            resumed = s.resume_state if epoch == s.start_epoch else None
+            resumed = student.resume_state if epoch == student.start_epoch else None
             state = engine.EpochState.from_dict(resumed, device)
             data.train.set_epoch(epoch, state.step)
             t0, calls0 = time.time(), teacher.calls if teacher is not None else 0
 
             def after_step(st: engine.EpochState, epoch: int = epoch) -> None:
-                if s.ema is not None:
-                    s.ema.update(getattr(s.model, "module", s.model), step=epoch * s.steps_per_epoch + st.step)
+                if student.ema is not None:
+                    student.ema.update(getattr(student.model, "module", student.model),
+                                       step=epoch * student.steps_per_epoch + st.step)
                 signum = agreed_stop(stop.signum, st.step, device)
-                due = cfg.checkpoint_every and (epoch * s.steps_per_epoch + st.step) % cfg.checkpoint_every == 0
+                due = cfg.checkpoint_every and (epoch * student.steps_per_epoch + st.step) % cfg.checkpoint_every == 0
                 if signum or due:  # one checkpoint when both fall on this step
-                    save_checkpoint(cfg, out, s, data, epoch, st)
+                    save_checkpoint(cfg, out, student, data, epoch, st)
                 if signum:
                     raise Stopped(signum, f"at epoch {epoch + 1}, step {st.step}")
 
-            train = engine.train_one_epoch(s.step, data.train, mixup_fn=mix, progress=cfg.run.progress, state=state,
+            train = engine.train_one_epoch(student.step, data.train, mixup_fn=mix, progress=cfg.run.progress, state=state,
                                            max_bad_steps=cfg.max_bad_steps, after_step=after_step,
                                            desc=f"stage {stage} epoch {epoch + 1}/{cfg.epochs}")
             train_time = time.time() - t0
-            evaluated = cfg.evaluates(epoch)
-            val = engine.evaluate(s.model, data.val, device=device, amp=cfg.run.amp, amp_dtype=cfg.run.autocast_dtype,
-                                  progress=cfg.run.progress) if evaluated else NOT_EVALUATED
-            if s.ema is not None and evaluated:
-                val["top1_ema"] = engine.evaluate(s.ema.module, data.val, device=device, amp=cfg.run.amp,
-                                                  amp_dtype=cfg.run.autocast_dtype, progress=cfg.run.progress)["top1"]
-            record_epoch(cfg, out, s, data, {"epoch": epoch, "stage": stage, "train": train, **val},
+            val = validate(cfg, student, data, device) if cfg.evaluates(epoch) else NOT_EVALUATED
+            record_epoch(cfg, out, student, data, {"epoch": epoch, "stage": stage, "train": train, **val},
                          train_time, (teacher.calls - calls0) if teacher is not None else 0)
-            save_checkpoint(cfg, out, s, data, epoch, None)
+            save_checkpoint(cfg, out, student, data, epoch, None)
 
 
 NOT_EVALUATED = {"top1": None, "top5": None, "loss": None, "num_samples": 0}  # an epoch --eval-every passes over
 
 
-def record_epoch(cfg: TrainConfig, out: OutputFolder, s: Student, data: DataBundle, r: dict, train_time: float,
+def validate(cfg: TrainConfig, student: Student, data: DataBundle, device: torch.device) -> dict:
+    """The student's validation metrics, and with --model-ema its EMA's top-1 ("top1_ema")."""
+    val = engine.evaluate(student.model, data.val, device=device, amp=cfg.run.amp, amp_dtype=cfg.run.autocast_dtype,
+                          progress=cfg.run.progress)
+    if student.ema is not None:
+        val["top1_ema"] = engine.evaluate(student.ema.module, data.val, device=device, amp=cfg.run.amp,
+                                          amp_dtype=cfg.run.autocast_dtype, progress=cfg.run.progress)["top1"]
+    return val
+
+
+def record_epoch(cfg: TrainConfig, out: OutputFolder, student: Student, data: DataBundle, r: dict, train_time: float,
                  teacher_calls: int) -> None:
     """Append an epoch's record (train means, validation metrics, timing) to the records and metrics.jsonl."""
     train = r["train"]
     rec = {"epoch": r["epoch"], "stage": r["stage"], "train": train, "val_top1": r["top1"], "val_top5": r["top5"],
            "val_loss": r["loss"], "num_val_samples": r["num_samples"], "train_time_s": round(train_time, 3),
            "images_per_s": round(data.num_train / max(train_time, 1e-9), 1), "teacher_calls": teacher_calls}
-    if s.ema is not None:
+    if student.ema is not None:
         rec["val_top1_ema"] = r.get("top1_ema")
-    s.records.append(rec)
+    student.records.append(rec)
     if DIST.main:
         with open(out.path("metrics.jsonl"), "a") as f:
             f.write(json.dumps(rec) + "\n")
@@ -370,7 +377,7 @@ def record_epoch(cfg: TrainConfig, out: OutputFolder, s: Student, data: DataBund
     log(f"epoch {r['epoch'] + 1}/{cfg.epochs} stage {r['stage']}  {terms}  {val}  ({train_time:.1f}s{skipped})")
 
 
-def save_checkpoint(cfg: TrainConfig, out: OutputFolder, s: Student, data: DataBundle, epoch: int,
+def save_checkpoint(cfg: TrainConfig, out: OutputFolder, student: Student, data: DataBundle, epoch: int,
                     state: engine.EpochState | None) -> None:
     """checkpoint.pt (atomic): everything to continue exactly: student (projections included), optimizer,
     schedule, scaler, records, RNG, and for a mid-epoch one (state given) the epoch's position and partial
@@ -381,12 +388,13 @@ def save_checkpoint(cfg: TrainConfig, out: OutputFolder, s: Student, data: DataB
     if not DIST.main:
         return
     ck = {"epoch": epoch, "epoch_state": states if DIST.active else states[0],
-          "global_step": epoch * s.steps_per_epoch + (state.step if state is not None else s.steps_per_epoch),
-          "student": s.model.state_dict(), "optimizer": s.optimizer.state_dict(), "scheduler": s.scheduler.state_dict(),
-          "records": s.records, "rng": rngs if DIST.active else rngs[0], "args": config.flat(cfg),
+          "global_step": epoch * student.steps_per_epoch + (state.step if state is not None else student.steps_per_epoch),
+          "student": student.model.state_dict(), "optimizer": student.optimizer.state_dict(),
+          "scheduler": student.scheduler.state_dict(),
+          "records": student.records, "rng": rngs if DIST.active else rngs[0], "args": config.flat(cfg),
           "classes": data.classes, "world_size": DIST.world_size,
-          "scaler": s.step.scaler.state_dict() if s.step.scaler is not None else None,
-          "ema": s.ema.state_dict() if s.ema is not None else None}
+          "scaler": student.step.scaler.state_dict() if student.step.scaler is not None else None,
+          "ema": student.ema.state_dict() if student.ema is not None else None}
     if cfg.keep_checkpoints == 1:
         atomic_save(ck, out.path("checkpoint.pt"))
         return
@@ -407,20 +415,20 @@ def link_latest(out: OutputFolder, name: str, link: str) -> None:
     os.replace(tmp, out.path(link))
 
 
-def save_students(cfg: TrainConfig, out: OutputFolder, s: Student, data: DataBundle, inputs: InputSpec) -> None:
+def save_students(cfg: TrainConfig, out: OutputFolder, student: Student, data: DataBundle, inputs: InputSpec) -> None:
     """student.pt, and with --model-ema student_ema.pt (the average), each deployable (no alignment projections)."""
-    save_student(s.model, cfg.model, data.classes, inputs, out.path("student.pt"))
-    if s.ema is not None:
-        save_student(s.ema.module, cfg.model, data.classes, inputs, out.path("student_ema.pt"))
+    save_student(student.model, cfg.model, data.classes, inputs, out.path("student.pt"))
+    if student.ema is not None:
+        save_student(student.ema.module, cfg.model, data.classes, inputs, out.path("student_ema.pt"))
 
 
-def finalise(cfg: TrainConfig, out: OutputFolder, s: Student | None, data: DataBundle, inputs: InputSpec,
+def finalise(cfg: TrainConfig, out: OutputFolder, student: Student | None, data: DataBundle, inputs: InputSpec,
              teacher: Teacher | None, device: torch.device, t_start: float) -> dict:
     """Write student.pt and summary.json, print the results table (rank 0). No student (--epochs 0): the
     student fields are None."""
-    if DIST.main and s is not None:
-        save_students(cfg, out, s, data, inputs)
-    records = s.records if s is not None else []
+    if DIST.main and student is not None:
+        save_students(cfg, out, student, data, inputs)
+    records = student.records if student is not None else []
     stage1 = [r for r in records if r["stage"] == 1]
     skipped = data.all_skipped()
     summary = {
@@ -490,7 +498,7 @@ def _run(cfg: TrainConfig, out: OutputFolder, ck: dict | None, device: torch.dev
     if cfg.epochs == 0:  # the teacher alone (a study trains it once and hands it to every student run)
         return finalise(cfg, out, None, data, inputs, teacher, device, t_start)
     student = build_student(cfg, len(data.classes), teacher, len(data.train), device)
-    resume(out, student, ck)
+    restore_or_start(out, student, ck)
     fit(cfg, out, student, data, teacher, device)
     return finalise(cfg, out, student, data, inputs, teacher, device, t_start)
 
@@ -574,20 +582,20 @@ def mixup_fn(cfg: TrainConfig, num_classes: int):
     return Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.smoothing, num_classes=num_classes)
 
 
-def print_table(s: dict) -> None:
+def print_table(student: dict) -> None:
     def pct(v):
         return "-" if v is None else f"{v:.2f}%"
 
-    rows = [("teacher " + (s["teacher"] or "(none)"), pct(s["teacher_top1"])),
-            (f"student {s['model']} after stage 1", pct(s["stage1_top1"])),
-            (f"student {s['model']} final", pct(s["final_top1"]))]
-    if s.get("final_top1_ema") is not None:
-        rows.append((f"student {s['model']} EMA", pct(s["final_top1_ema"])))
+    rows = [("teacher " + (student["teacher"] or "(none)"), pct(student["teacher_top1"])),
+            (f"student {student['model']} after stage 1", pct(student["stage1_top1"])),
+            (f"student {student['model']} final", pct(student["final_top1"]))]
+    if student.get("final_top1_ema") is not None:
+        rows.append((f"student {student['model']} EMA", pct(student["final_top1_ema"])))
     w = max(len(r[0]) for r in rows)
-    print(f"\n{'model':<{w}}  top-1 ({s['data']} val, {s['num_val_samples']} images)")
+    print(f"\n{'model':<{w}}  top-1 ({student['data']} val, {student['num_val_samples']} images)")
     for name, v in rows:
         print(f"{name:<{w}}  {v}")
-    print(f"elapsed {s['elapsed_s']:.0f}s on {s['device']}\n")
+    print(f"elapsed {student['elapsed_s']:.0f}student on {student['device']}\n")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,7 +11,7 @@ from dearkd_fast.config import IMAGENET_MEAN as MEAN
 from dearkd_fast.config import IMAGENET_STD as STD
 from dearkd_fast.data.folder import DataError, scan_image_folder
 from dearkd_fast.data.resident import ResidentLoader, resident_pixels
-from dearkd_fast.data.torchvision import build_torch_loader
+from dearkd_fast.data.torch_loader import build_torch_loader
 from dearkd_fast.testing import folder_data
 from tests.test_data import decode_ids, id_folder
 
@@ -143,7 +143,7 @@ def test_repeated_augmentation_covers_each_drawn_sample_r_times_across_two_ranks
     resident loaders take the same order."""
     from collections import Counter
 
-    from dearkd_fast.data.torchvision import EpochSampler
+    from dearkd_fast.data.torch_loader import EpochSampler
 
     n, bs, R = 48, 4, 3
     plain = [list(EpochSampler(n, bs, seed=1, rank=r, world_size=2)) for r in range(2)]

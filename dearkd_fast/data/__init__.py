@@ -12,7 +12,7 @@ import torch
 from ..config import IMAGENET_MEAN, IMAGENET_STD, DataConfig, preset_for
 from ..errors import DataError
 from .folder import balanced_subset, builtin_name, holdout_split, resolve_data, scan_image_folder
-from .torchvision import build_torch_loader, eval_transform, train_transform
+from .torch_loader import build_torch_loader, eval_transform, train_transform
 
 __all__ = ["DataConfig", "DataBundle", "DataError", "InputSpec", "build_data", "DeviceLoader"]
 

@@ -15,7 +15,7 @@ import torch
 
 from ..errors import DataError, RunError
 from .augment import RandAugmentSpec, pad_size
-from .torchvision import shard_bounds
+from .torch_loader import shard_bounds
 
 if TYPE_CHECKING:
     from . import InputSpec

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from ..errors import DataError
 from .augment import pad_size
 from .folder import cache_root, load_rgb
-from .torchvision import EpochSampler, shard_bounds
+from .torch_loader import EpochSampler, shard_bounds
 
 __all__ = ["ResidentLoader", "build_resident_loader", "resident_pixels", "decoded_bytes", "random_erase"]
 

@@ -472,7 +472,6 @@ class Teacher(nn.Module):
             self._handles.append(module.register_forward_hook(self._make_hook(i)))
         # a tensor, not an int attribute: torch.compile would treat an int as a constant and recompile each step
         self.register_buffer("call_count", torch.zeros((), dtype=torch.long), persistent=False)
-        self.offloaded = False
         self.freeze()
 
     def _make_hook(self, i: int):
@@ -496,7 +495,6 @@ class Teacher(nn.Module):
     def offload(self) -> None:
         """Move the teacher to the CPU (stage 2 never runs it again); a no-op on the CPU."""
         self.to("cpu")
-        self.offloaded = True
 
     def forward(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
         self.call_count += 1
