@@ -55,7 +55,32 @@ def test_a_failed_build_is_recorded_and_leaves_no_library(tmp_path, monkeypatch)
 
 def test_the_key_names_sources_torch_and_cpu(tmp_path, monkeypatch):
     key = native.build_key()
-    assert len(key) == 16 and native.library_path().parent.name == key
+    assert len(key) == 16 and native.library_path().parent.name == key and native.build_key() == key
+    # each thing the key claims to cover changes it: a source file, torch's version, the CPU's flags (the key is
+    # cached per process: cleared after each change here)
+    import shutil
+
+    import torch
+
+    def key_now() -> str:
+        native.build_key.cache_clear()
+        return native.build_key()
+
+    sources = tmp_path / "src"
+    shutil.copytree(native.SOURCES, sources)
+    monkeypatch.setattr(native, "SOURCES", sources)
+    assert key_now() == key  # the same sources elsewhere: the same key
+    cpp = next(sources.glob("*.cpp"))
+    cpp.write_text(cpp.read_text() + "\n// edited\n")
+    edited = key_now()
+    assert edited != key
+    monkeypatch.setattr(torch, "__version__", torch.__version__ + "+other")
+    other_torch = key_now()
+    assert other_torch not in (key, edited)
+    monkeypatch.setattr(native, "_cpu_flags", lambda: "sse2")
+    assert key_now() not in (key, edited, other_torch)
+    monkeypatch.undo()
+    assert key_now() == key
     monkeypatch.setenv("DEARKD_NATIVE_DIR", str(tmp_path))
     assert native.library_path() == tmp_path / key / native.LIBRARY
     assert native.unavailable_reason().endswith("run python -m dearkd_fast.native") or native.missing_tools()

@@ -177,7 +177,9 @@ sys.exit(train.main(sys.argv[2:]))
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_train_as_one(tmp_path):
+def test_torchrun_two_processes_stay_in_sync(tmp_path):
+    """Two Gloo ranks end with identical weights and write one set of outputs (not compared with a one-process
+    run: the two ranks draw other batches than one process would)."""
     script = tmp_path / "dump.py"
     script.write_text(RANK_DUMP)
     out = tmp_path / "out"
