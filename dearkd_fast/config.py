@@ -1,173 +1,48 @@
-"""Every default of both tools, written once: typed, frozen configurations and named presets.
+"""The tool configurations, every default written once: typed, frozen dataclasses.
 
-`TrainConfig` (python -m dearkd_fast.train) and `InvertConfig` (python -m dearkd_fast.invert) hold
-every setting; `DataConfig` (the data flags) sits inside `TrainConfig`, `RunConfig` (the flags both
-tools share) inside both. The command-line parsers and the flag tables of docs/cli.md are built from
-these classes (`build_parser`, `flag_table`), so a default or a help text lives in exactly one place.
-A config checks itself when it is made (`InputError` naming the flag) and computes what derives from
-it (the stage-switch epoch, the device, the preset of an image size); nothing is written back.
+`TrainConfig` (python -m dearkd_fast.train), `InvertConfig` (.invert), `EvalConfig` (.eval), `StudyConfig`
+(.study) and `NativeConfig` (.native) hold every setting; `DataConfig` (the data flags) sits inside
+`TrainConfig`, `RunConfig` (the flags the tools share) inside train and invert. Their parsers, config files
+and the flag tables of docs/cli.md come from these classes (flags.py), the presets and study tiers they
+fall back to from presets.py; both are re-exported here. A config checks itself when it is made
+(`InputError` naming the flag) and computes what derives from it (the stage-switch epoch, the device, the
+preset of an image size); nothing is written back.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import math
 import os
 import sys
 import time
-import typing
-from dataclasses import MISSING, dataclass, field
-from typing import Any
+from dataclasses import dataclass, field
 
 import torch
 
 from .errors import InputError
+from .flags import RECIPES_DIR, _check, _finite, build_parser, config_argv, flag, flag_table, flat, from_argv, recipe_path
+from .presets import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    INVERSION,
+    OBJECTIVES,
+    PRESETS,
+    SMALL_IMAGE_MAX,
+    STRONG_TEACHER,
+    STUDY_TIERS,
+    InversionPreset,
+    SizePreset,
+    StudyTier,
+    inversion_preset,
+    preset_for,
+)
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "SMALL_IMAGE_MAX", "InversionPreset", "SizePreset", "PRESETS", "preset_for",
-    "INVERSION", "OBJECTIVES", "inversion_preset",
-    "RunConfig", "DataConfig", "stage_switch", "TrainConfig", "InvertConfig", "SynthesisSettings", "build_parser",
-    "from_argv", "config_argv", "recipe_path",
-    "flag_table", "flat", "StudyTier", "STUDY_TIERS", "StudyConfig", "EvalConfig", "NativeConfig",
+    "INVERSION", "OBJECTIVES", "inversion_preset", "StudyTier", "STRONG_TEACHER", "STUDY_TIERS",
+    "flag", "build_parser", "from_argv", "config_argv", "recipe_path", "RECIPES_DIR", "flat", "flag_table",
+    "resolve_device", "RunConfig", "autocast_dtype", "DataConfig", "stage_switch", "TrainConfig", "InvertConfig",
+    "SynthesisSettings", "EvalConfig", "NativeConfig", "StudyConfig", "TOOL_CONFIGS",
 ]
-
-# ImageNet normalisation: the statistics of every registered model of this project (timm's defaults too)
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
-
-# images of at most this side are "small" (CIFAR-style): pad-and-crop augmentation, our inversion settings
-SMALL_IMAGE_MAX = 64
-
-
-# ---------------------------------------------------------------------------------------------- presets
-
-
-@dataclass(frozen=True)
-class InversionPreset:
-    """How images are synthesised: the objective's coefficients and the optimisation schedule.
-
-    Phases: `low_res_iterations` at half resolution (2x average-pooled; 0: none), then `iterations` at full
-    resolution, each with a fresh Adam(`betas`), `warmup` iterations of linear lr warm-up, then cosine to 0
-    (`schedule` "cosine") or a constant lr. `jitter` is the largest random roll at `jitter_side` px (scaled
-    with the resolution, halved in the half-resolution phase); `clip` keeps pixels in the valid range after
-    each step; `keep` "best" keeps the images of the lowest total loss, "last" the final ones.
-    """
-
-    lr: float
-    r_bn: float
-    first_bn_mult: float
-    tv_l2: float
-    tv_l1: float
-    l2: float
-    iterations: int
-    low_res_iterations: int
-    betas: tuple[float, float]
-    warmup: int
-    schedule: str
-    clip: bool
-    jitter: int
-    jitter_side: int
-    flip: bool
-    bpid: float
-    keep: str
-
-
-@dataclass(frozen=True)
-class SizePreset:
-    """Settings that depend on the image size: the train augmentation."""
-
-    name: str
-    description: str
-    pad_crop: bool  # pad-and-crop (small images) instead of random-resized-crop
-
-
-PRESETS: dict[str, SizePreset] = {
-    "224": SizePreset("224", f"> {SMALL_IMAGE_MAX} px", pad_crop=False),
-    "small": SizePreset("small", f"<= {SMALL_IMAGE_MAX} px", pad_crop=True),
-}
-
-
-def preset_for(side: int) -> SizePreset:
-    """The preset of an image side: 'small' up to SMALL_IMAGE_MAX px, else '224'."""
-    return PRESETS["small" if side <= SMALL_IMAGE_MAX else "224"]
-
-
-_OFFICIAL_224 = dict(lr=0.25, r_bn=0.01, first_bn_mult=10.0, tv_l2=1e-4, tv_l1=0.0, l2=1e-5)
-# (objective, size) -> settings. "deepinversion" is the public code term by term: at 224 px its ImageNet
-# setting 0 (2,000 half-resolution + 1,000 full-resolution iterations, Adam(0.5, 0.9), 100 warm-up
-# iterations then cosine per phase, jitter 30, flips, clipping, the best images kept) with its README's
-# coefficients; at <= 64 px its CIFAR-10 script with the paper's parameters (2,000 iterations, Adam's
-# default betas, constant lr 0.05, r_bn 10, TV-L2 2.5e-5, jitter 2, no flip, no clipping, no first-BN
-# multiplier, the best images kept). "dearkd" is ours: BPID on, a shorter schedule, the last images kept;
-# its small-image coefficients were tuned on digits (benchmarks/RESULTS.md; l2 8e-5 on the per-image norm
-# equals the whole-batch 1e-5 it was tuned with, at batch 64).
-INVERSION: dict[tuple[str, str], InversionPreset] = {
-    ("dearkd", "224"): InversionPreset(**_OFFICIAL_224, iterations=1500, low_res_iterations=1500, betas=(0.5, 0.9),
-                                       warmup=0, schedule="cosine", clip=True, jitter=30, jitter_side=224,
-                                       flip=True, bpid=10.0, keep="last"),
-    ("dearkd", "small"): InversionPreset(lr=0.25, r_bn=1.0, first_bn_mult=10.0, tv_l2=1e-3, tv_l1=0.0, l2=8e-5,
-                                         iterations=120, low_res_iterations=120, betas=(0.5, 0.9), warmup=0,
-                                         schedule="cosine", clip=True, jitter=30, jitter_side=224, flip=True,
-                                         bpid=10.0, keep="last"),
-    ("deepinversion", "224"): InversionPreset(**_OFFICIAL_224, iterations=1000, low_res_iterations=2000,
-                                              betas=(0.5, 0.9), warmup=100, schedule="cosine", clip=True, jitter=30,
-                                              jitter_side=224, flip=True, bpid=0.0, keep="best"),
-    ("deepinversion", "small"): InversionPreset(lr=0.05, r_bn=10.0, first_bn_mult=1.0, tv_l2=2.5e-5, tv_l1=0.0,
-                                                l2=0.0, iterations=2000, low_res_iterations=0, betas=(0.9, 0.999),
-                                                warmup=0, schedule="constant", clip=False, jitter=2, jitter_side=32,
-                                                flip=False, bpid=0.0, keep="best"),
-}
-OBJECTIVES = ("dearkd", "deepinversion")
-
-
-def inversion_preset(objective: str, side: int) -> InversionPreset:
-    """The inversion settings of an objective preset at an image side."""
-    return INVERSION[(objective, preset_for(side).name)]
-
-
-def _preset_help(key: str) -> str:
-    def fmt(v):
-        return f"{v:g}" if isinstance(v, float) and not isinstance(v, bool) else str(v)
-
-    vals = {f"{o} {PRESETS[z].description}": getattr(p, key) for (o, z), p in INVERSION.items()}
-    if len(set(vals.values())) == 1:
-        return f"default {fmt(next(iter(vals.values())))}"
-    return "default: " + ", ".join(f"{fmt(v)} ({d})" for d, v in vals.items())
-
-
-# ---------------------------------------------------------------------------------------------- fields
-
-
-def flag(default: Any = MISSING, help: str = "", *, group: str, name: str | None = None, choices=None,
-         factory=None, shown: str | None = None, preset: str | None = None):
-    """A dataclass field that is also a command-line flag (`--field-name` unless `name` is given).
-
-    `shown` is the default as docs/cli.md prints it (for defaults computed at run time); `preset`
-    names the InversionPreset field a None default falls back to (the help text says which values).
-    """
-    if preset is not None:
-        help = f"{help} ({_preset_help(preset)})"
-    md = {"group": group, "help": help, "flag": name, "choices": choices, "shown": shown}
-    if factory is not None:
-        return field(default_factory=factory, metadata=md)
-    return field(default=default, metadata=md)
-
-
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise InputError(message)
-
-
-def _finite(name: str, value: float | None, *, low: float | None = None, high: float | None = None,
-            low_open: bool = False) -> None:
-    """Refuse NaN/inf and values outside [low, high] (or (low, high] with low_open)."""
-    if value is None:
-        return
-    _check(math.isfinite(value), f"{name} must be a finite number, got {value}")
-    if low is not None:
-        _check(value > low if low_open else value >= low, f"{name} must be {'>' if low_open else '>='} {low:g}, got {value:g}")
-    if high is not None:
-        _check(value <= high, f"{name} must be <= {high:g}, got {value:g}")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -655,61 +530,6 @@ class NativeConfig:
     no_progress: bool = flag(False, "no progress bar", group="run")
 
 
-# ---------------------------------------------------------------------------------------------- the study
-
-
-@dataclass(frozen=True)
-class StudyTier:
-    """What every run of one tier of the study shares (python -m dearkd_fast.study; docs/study.md)."""
-
-    model: str
-    teacher: str
-    teacher_epochs: int
-    epochs: int
-    batch_size: int
-    lr: float
-    warmup_epochs: int
-    fractions: tuple[float, ...]
-    seeds: int
-    val_fraction: float  # the same class-balanced share of the test split for every run
-    workers: int
-    synthetic_per_class: int  # data-free: images synthesised per class, with and without BPID
-    synthetic_epochs: int
-    synthetic_batch_size: int
-    invert_iterations: int  # per phase (half, then full resolution)
-    teacher_flags: tuple[str, ...] = ()  # the teacher's recipe: trainer flags of its run
-    teacher_batch_size: int | None = None  # default: batch_size
-    teacher_val_fraction: float | None = None  # share of the validation split the teacher is scored on; default val_fraction
-    steps: tuple[int, ...] | None = None  # optimiser steps of every student at each fraction (one: at all; data-free:
-    # the first); its epochs follow from its set's size. None: epochs
-    no_stage2_seeds: int | None = None  # seeds of the rows without stage 2 (None: seeds)
-    evals: int | None = None  # validations per student run (about; at least one a stage); None: every epoch
-    tune: bool = False  # first pick each method's settings (TUNING) on a hold-out of the training split
-    ablate: bool = False  # then train DearKD's choice with each change of study.ABLATIONS on that hold-out
-
-
-# the cpu-long tier's teacher (cifar_widenet): SGD (Nesterov) with label smoothing 0.2, batch 512
-STRONG_TEACHER = ("--teacher-opt", "sgd", "--teacher-lr", "0.2", "--teacher-weight-decay", "5e-4",
-                  "--teacher-smoothing", "0.2")
-# cpu: sized to finish within 45 minutes on the 2-core CPU machine; cpu-long: the scarce-data question, within
-# 180 minutes of it (resumable across sittings); gpu: the full grid, sized to about 10 minutes
-# from the trainer's rate measured on an H200 (docs/study.md: the estimate). Both train with bf16 autocast.
-STUDY_TIERS: dict[str, StudyTier] = {
-    "cpu": StudyTier(model="dearkd_nano_patch4_32", teacher="cifar_resnet20", teacher_epochs=3, epochs=4, batch_size=128,
-                     lr=2e-3, warmup_epochs=1, fractions=(0.1, 0.25), seeds=2, val_fraction=0.25, workers=2,
-                     synthetic_per_class=10, synthetic_epochs=10, synthetic_batch_size=32, invert_iterations=80),
-    "cpu-long": StudyTier(model="dearkd_nano_patch4_32", teacher="cifar_widenet", teacher_epochs=14, epochs=100,
-                          batch_size=128, lr=2e-3, warmup_epochs=1, fractions=(0.02, 0.1), seeds=3, val_fraction=0.2,
-                          workers=2, synthetic_per_class=50, synthetic_epochs=100, synthetic_batch_size=100,
-                          invert_iterations=200, teacher_flags=STRONG_TEACHER, teacher_batch_size=512,
-                          teacher_val_fraction=1.0, steps=(800, 1600), no_stage2_seeds=1, evals=20, tune=True,
-                          ablate=True),
-    "gpu": StudyTier(model="dearkd_tiny_patch4_32", teacher="cifar_resnet20", teacher_epochs=3, epochs=2, batch_size=512,
-                     lr=2e-3, warmup_epochs=1, fractions=(0.1, 0.25, 0.5, 1.0), seeds=2, val_fraction=0.4, workers=12,
-                     synthetic_per_class=30, synthetic_epochs=8, synthetic_batch_size=128, invert_iterations=120),
-}
-
-
 def _tier_help(key: str) -> str:
     vals = {t: getattr(v, key) for t, v in STUDY_TIERS.items()}
     show = {t: ",".join(f"{x:g}" for x in v) if isinstance(v, tuple) else f"{v:g}" if isinstance(v, float) else
@@ -789,202 +609,6 @@ class StudyConfig:
         from .data.folder import data_name
 
         return self.output or os.path.join("results", f"{data_name(self.data)}-{self.tier}")
-
-
-def _flag_fields(cls) -> list[tuple[dataclasses.Field, Any, tuple[str, ...]]]:
-    """(field, type, path) of every flag of cls, nested configs included, in declaration order."""
-    hints = typing.get_type_hints(cls)
-    out = []
-    for f in dataclasses.fields(cls):
-        tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            out += [(g, t, (f.name, *p)) for g, t, p in _flag_fields(tp)]
-        elif "group" in f.metadata:
-            out.append((f, tp, (f.name,)))
-    return out
-
-
-def _base_type(tp) -> type:
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    return args[0] if args else tp
-
-
-def _flag_name(f: dataclasses.Field) -> str:
-    return f.metadata["flag"] or "--" + f.name.replace("_", "-")
-
-
-def _dest(f: dataclasses.Field) -> str:
-    return _flag_name(f)[2:].replace("-", "_")
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, exit 2 (argparse prints the whole usage otherwise)
-        raise InputError(message)
-
-
-def build_parser(cls, prog: str, description: str) -> argparse.ArgumentParser:
-    """An argparse parser with one flag per config field, grouped as the fields say."""
-    p = Parser(prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    groups: dict[str, argparse._ArgumentGroup] = {}
-    for f, tp, _ in _flag_fields(cls):
-        md = f.metadata
-        g = groups.setdefault(md["group"], p.add_argument_group(md["group"]))
-        kw: dict[str, Any] = {"dest": _dest(f), "help": md["help"]}
-        base = _base_type(tp)
-        if f.default is MISSING and f.default_factory is MISSING:
-            kw["required"] = True
-        elif f.default_factory is not MISSING:
-            kw["default"] = None
-        else:
-            kw["default"] = f.default
-        if base is bool:
-            kw["action"] = argparse.BooleanOptionalAction if f.default is not False else "store_true"
-        else:
-            kw["type"] = base
-            if md["choices"]:
-                kw["choices"] = list(md["choices"])
-        g.add_argument(_flag_name(f), **kw)
-    return p
-
-
-def _build(cls, values: dict[str, Any]):
-    kwargs = {}
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            kwargs[f.name] = _build(tp, values)
-        elif "group" in f.metadata:
-            v = values[_dest(f)]
-            if not (v is None and f.default_factory is not MISSING):
-                kwargs[f.name] = v
-    return cls(**kwargs)
-
-
-def from_argv(cls, argv: list[str] | None, prog: str, description: str = ""):
-    """Parse argv into a frozen cls; InputError (one line) on a bad flag or value. A `--config FILE` (where cls
-    has the flag) stands for the flags of its YAML mapping, placed before argv so that flags given override it."""
-    parser = build_parser(cls, prog, description)
-    argv = list(sys.argv[1:] if argv is None else argv)
-    path = _config_arg(argv) if any(f.name == "config" for f in dataclasses.fields(cls)) else None
-    if path is not None:
-        argv = config_argv(path, parser) + argv
-    return _build(cls, vars(parser.parse_args(argv)))
-
-
-RECIPES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes")
-
-
-def recipe_path(name: str) -> str:
-    """--config's file: the path given, else the bundled recipe of that name (dearkd_fast/recipes/NAME.yaml)."""
-    if os.path.isfile(name):
-        return name
-    bundled = os.path.join(RECIPES_DIR, name + ".yaml")
-    if os.path.sep in name or name.endswith(".yaml"):
-        raise InputError(f"--config '{name}' does not exist")
-    if os.path.isfile(bundled):
-        return bundled
-    known = ", ".join(sorted(f.removesuffix(".yaml") for f in os.listdir(RECIPES_DIR) if f.endswith(".yaml")))
-    raise InputError(f"--config '{name}' is neither a file nor a bundled recipe ({known})")
-
-
-def _config_arg(argv: list[str]) -> str | None:
-    """The value of the last --config in argv (None: none given)."""
-    path = None
-    for i, a in enumerate(argv):
-        if a == "--config":
-            if i + 1 >= len(argv):
-                raise InputError("argument --config: expected one argument")
-            path = argv[i + 1]
-        elif a.startswith("--config="):
-            path = a.split("=", 1)[1]
-    return path
-
-
-def config_argv(name: str, parser: argparse.ArgumentParser) -> list[str]:
-    """The flags a YAML config stands for: {key: value} with key a flag name (dashes or underscores, no --);
-    true / false for switches, a list for a comma-separated flag, null for the default. InputError (one line,
-    naming the file and the key) for an unreadable file, an unknown key or a value the flag refuses."""
-    import yaml
-
-    path = recipe_path(name)
-    try:
-        with open(path, encoding="utf-8") as f:
-            values = yaml.safe_load(f)
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise InputError(f"--config '{path}' cannot be read ({type(e).__name__})") from None
-    if values is None:
-        return []
-    if not isinstance(values, dict):
-        raise InputError(f"--config '{path}': expected a mapping of flag: value, got {type(values).__name__}")
-    actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in ("help", "config")}
-    argv: list[str] = []
-    for key, value in values.items():
-        dest = str(key).replace("-", "_")
-        action = actions.get(dest)
-        if action is None:
-            import difflib
-
-            near = difflib.get_close_matches(dest, list(actions), n=1)
-            hint = f" (did you mean '{near[0].replace('_', '-')}'?)" if near else ""
-            raise InputError(f"--config '{path}': unknown key '{key}'{hint}")
-        argv += _flag_tokens(path, key, action, value)
-    try:
-        parser.parse_args(argv)  # the file's own values, checked before they meet the command line
-    except InputError as e:
-        raise InputError(f"--config '{path}': {e}") from None
-    return argv
-
-
-def _flag_tokens(path: str, key: str, action: argparse.Action, value: Any) -> list[str]:
-    flag_ = action.option_strings[0]
-    switch = isinstance(action, (argparse._StoreTrueAction, argparse.BooleanOptionalAction))
-    if value is None:
-        return []
-    if switch != isinstance(value, bool):
-        want = "true or false" if switch else "a value, not true/false"
-        raise InputError(f"--config '{path}': key '{key}' takes {want}, got {value!r}")
-    if switch:
-        if value:
-            return [flag_]
-        return ["--no-" + flag_[2:]] if isinstance(action, argparse.BooleanOptionalAction) else []
-    if isinstance(value, dict):
-        raise InputError(f"--config '{path}': key '{key}' takes a value or a list, not a mapping")
-    return [flag_, ",".join(map(str, value)) if isinstance(value, list) else str(value)]
-
-
-def flat(cfg) -> dict[str, Any]:
-    """{flag dest: value} of every flag of a config (nested ones included), for summaries and metadata."""
-    out: dict[str, Any] = {}
-    for f, _, path in _flag_fields(type(cfg)):
-        v = cfg
-        for name in path:
-            v = getattr(v, name)
-        out[_dest(f)] = v
-    return out
-
-
-def flag_table(cls) -> str:
-    """docs/cli.md's markdown table of every flag of cls: flag, default, meaning."""
-    rows = ["| flag | default | meaning |", "|---|---|---|"]
-    group = None
-    fields = _flag_fields(cls)
-    first = {g: i for i, g in reversed(list(enumerate(f.metadata["group"] for f, _, _ in fields)))}
-    for f, tp, _ in sorted(fields, key=lambda e: first[e[0].metadata["group"]]):  # a group's flags together
-        md = f.metadata
-        if md["group"] != group:
-            group = md["group"]
-            rows.append(f"| **{group}** | | |")
-        name = _flag_name(f)
-        names = f"`{name}`, `--no-{name[2:]}`" if _base_type(tp) is bool and f.default is not False else f"`{name}`"
-        if md["shown"] is not None:
-            shown = md["shown"]
-        elif f.default is MISSING or f.default is None or f.default is False or f.default_factory is not MISSING:
-            shown = ""
-        else:
-            shown = f"`{f.default}`"
-        rows.append(f"| {names} | {shown} | {md['help'].replace('%%', '%')} |")
-    return "\n".join(rows) + "\n"
 
 
 TOOL_CONFIGS = {"train": TrainConfig, "invert": InvertConfig, "eval": EvalConfig, "study": StudyConfig,
