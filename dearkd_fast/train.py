@@ -582,20 +582,20 @@ def mixup_fn(cfg: TrainConfig, num_classes: int):
     return Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.smoothing, num_classes=num_classes)
 
 
-def print_table(student: dict) -> None:
+def print_table(summary: dict) -> None:
     def pct(v):
         return "-" if v is None else f"{v:.2f}%"
 
-    rows = [("teacher " + (student["teacher"] or "(none)"), pct(student["teacher_top1"])),
-            (f"student {student['model']} after stage 1", pct(student["stage1_top1"])),
-            (f"student {student['model']} final", pct(student["final_top1"]))]
-    if student.get("final_top1_ema") is not None:
-        rows.append((f"student {student['model']} EMA", pct(student["final_top1_ema"])))
+    rows = [("teacher " + (summary["teacher"] or "(none)"), pct(summary["teacher_top1"])),
+            (f"student {summary['model']} after stage 1", pct(summary["stage1_top1"])),
+            (f"student {summary['model']} final", pct(summary["final_top1"]))]
+    if summary.get("final_top1_ema") is not None:
+        rows.append((f"student {summary['model']} EMA", pct(summary["final_top1_ema"])))
     w = max(len(r[0]) for r in rows)
-    print(f"\n{'model':<{w}}  top-1 ({student['data']} val, {student['num_val_samples']} images)")
+    print(f"\n{'model':<{w}}  top-1 ({summary['data']} val, {summary['num_val_samples']} images)")
     for name, v in rows:
         print(f"{name:<{w}}  {v}")
-    print(f"elapsed {student['elapsed_s']:.0f}student on {student['device']}\n")
+    print(f"elapsed {summary['elapsed_s']:.0f}s on {summary['device']}\n")
 
 
 def main(argv: list[str] | None = None) -> int:
