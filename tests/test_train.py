@@ -237,9 +237,14 @@ def test_ablation_flags_refuse_bad_values(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_the_main_job_learns(tmp_path):
+def test_the_main_job_learns(tmp_path, capsys):
     """The README's main job, as written (defaults, --amp --dali): a change that stops the teacher or the student
     learning fails here (the digits student ends near 95 %, the teacher near 99 %; a few minutes on 2 cores)."""
     assert main(["--amp", "--dali", "--no-progress", "--output", str(tmp_path / "main")]) == 0
     s = json.loads((tmp_path / "main" / "summary.json").read_text())
     assert s["teacher_top1"] >= 95.0 and s["final_top1"] >= 90.0, (s["teacher_top1"], s["final_top1"])
+    import re
+
+    table = capsys.readouterr().out
+    assert f"student dearkd_micro_patch4_32 final          {s['final_top1']:.2f}%" in table
+    assert re.search(r"\nelapsed \d+s on cpu\n", table), table[-200:]
