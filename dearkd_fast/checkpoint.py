@@ -21,7 +21,7 @@ import torch
 from .errors import CheckpointError, RunError
 
 __all__ = ["atomic_write", "atomic_save", "atomic_write_json", "remove_temporaries", "rng_state", "set_rng_state",
-           "load_checkpoint", "load_model_file"]
+           "load_checkpoint", "load_model_file", "save_rotating"]
 
 
 def _file_mode() -> int:
@@ -142,3 +142,27 @@ def load_model_file(path: str, kind: str, fmt: str, map_location: str | torch.de
     if not isinstance(ck, dict) or ck.get("format") != fmt:
         raise CheckpointError(f"'{path}' is not a dearkd_fast {kind} checkpoint (format {fmt})")
     return ck
+
+
+def save_rotating(obj: Any, folder: str, step: int, keep: int, name: str = "checkpoint.pt") -> None:
+    """Write `name` atomically; with keep N > 1 as checkpoint-<step>.pt instead, `name` a hard link to the newest,
+    and only the newest N of them kept."""
+    if keep == 1:
+        atomic_save(obj, os.path.join(folder, name))
+        return
+    stem = name.removesuffix(".pt")
+    own = f"{stem}-{step:09d}.pt"
+    atomic_save(obj, os.path.join(folder, own))
+    _link_latest(folder, own, name)
+    kept = sorted(f for f in os.listdir(folder) if f.startswith(f"{stem}-") and f.endswith(".pt"))
+    for old in kept[:-keep]:
+        os.remove(os.path.join(folder, old))
+
+
+def _link_latest(folder: str, target: str, link: str) -> None:
+    """Point `link` at `target` atomically (a hard link renamed over it): never a moment without one."""
+    tmp = os.path.join(folder, f".tmp-{link}")
+    if os.path.exists(tmp):
+        os.remove(tmp)
+    os.link(os.path.join(folder, target), tmp)
+    os.replace(tmp, os.path.join(folder, link))

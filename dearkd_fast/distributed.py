@@ -14,9 +14,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .errors import InputError
+from .errors import CheckpointError, InputError
 
-__all__ = ["Dist", "init", "close", "active", "all_sum", "all_max", "gather", "broadcast", "on_rank0"]
+__all__ = ["Dist", "init", "close", "active", "all_sum", "all_max", "gather", "broadcast", "on_rank0", "wrap", "per_rank",
+           "agreed_stop"]
 
 
 @dataclass(frozen=True)
@@ -109,3 +110,35 @@ def on_rank0(fn):
     if msg is not None:
         raise InputError(msg)
     return res
+
+
+def wrap(model: torch.nn.Module, device: torch.device, d: Dist) -> torch.nn.Module:
+    """DistributedDataParallel under torchrun (every trainable parameter synchronised, the student's alignment
+    projections included), the model itself in one process."""
+    if not d.active:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+
+
+def per_rank(value, what: str, d: Dist):
+    """This rank's entry of a checkpoint value saved per rank (a list under torchrun)."""
+    if not isinstance(value, list):
+        if d.active and value is not None:
+            raise CheckpointError(f"--resume: the checkpoint was written by 1 process; resume with 1 (this is {d.world_size})")
+        return value
+    if len(value) != d.world_size:
+        raise CheckpointError(f"--resume: the checkpoint's {what} is of {len(value)} processes; resume with "
+                              f"--nproc_per_node {len(value)} (this is {d.world_size})")
+    return value[d.rank]
+
+
+def agreed_stop(signum: int | None, step: int, device: torch.device, d: Dist) -> int:
+    """The stop request all ranks act on: this process's own in one process; under torchrun the largest
+    request of any rank, read every 10 steps (so all ranks stop at the same step)."""
+    if not d.active:
+        return signum or 0
+    if step % 10:
+        return 0
+    return int(all_max(torch.tensor([signum or 0], device=device)).item())

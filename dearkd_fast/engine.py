@@ -14,12 +14,37 @@ from tqdm import tqdm
 from . import distributed
 from .errors import RunError
 
-__all__ = ["TrainStep", "EpochState", "train_one_epoch", "evaluate", "cosine_schedule", "autocast", "make_optimizer"]
+__all__ = ["TrainStep", "EpochState", "train_one_epoch", "evaluate", "cosine_schedule", "autocast", "make_optimizer",
+           "param_groups", "base_criterion"]
 
 
 def autocast(device: torch.device, enabled: bool, dtype: torch.dtype = torch.bfloat16):
     """Autocast on CPU and CUDA when enabled (bf16 unless another dtype is given)."""
     return torch.autocast(device_type=device.type, dtype=dtype, enabled=enabled)
+
+
+def param_groups(modules: list[nn.Module], weight_decay: float) -> list[dict]:
+    """Optimizer groups: no decay for biases, norms, tokens and position embeddings (no_weight_decay())."""
+    decay, no_decay = [], []
+    for mod in modules:
+        skip = mod.no_weight_decay() if hasattr(mod, "no_weight_decay") else set()
+        for name, p in mod.named_parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if p.ndim <= 1 or name in skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def base_criterion(smoothing: float = 0.0, *, soft_targets: bool = False) -> nn.Module:
+    """The label loss: soft-target CE for Mixup/CutMix targets (which carry the smoothing), else CE with label
+    smoothing when asked."""
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+    if soft_targets:
+        return SoftTargetCrossEntropy()
+    if smoothing > 0:
+        return LabelSmoothingCrossEntropy(smoothing)
+    return nn.CrossEntropyLoss()
 
 
 def make_optimizer(groups: list[dict], lr: float, kind: str = "adamw") -> torch.optim.Optimizer:

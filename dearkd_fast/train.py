@@ -25,7 +25,7 @@ from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
 from . import config, distributed, engine, ops
-from .checkpoint import atomic_save, atomic_write_json, load_checkpoint, load_model_file, rng_state, set_rng_state
+from .checkpoint import atomic_write_json, load_checkpoint, load_model_file, rng_state, save_rotating, set_rng_state
 from .cli import OutputFolder, PeerFolder, StopRequest, run_cli
 from .config import TrainConfig
 from .data import DataBundle, InputSpec, build_data
@@ -232,11 +232,11 @@ def train_teacher(cfg: TrainConfig, data: DataBundle, inputs: InputSpec, device:
     """Train --teacher from scratch on the run's data (CE with --teacher-smoothing, --teacher-opt, warm-up + cosine),
     in channels_last (faster oneDNN and cuDNN convolutions)."""
     model = create_teacher_model(cfg.teacher, len(data.classes)).to(device).to(memory_format=torch.channels_last)
-    opt = engine.make_optimizer(param_groups([model], cfg.teacher_weight_decay), cfg.teacher_lr, cfg.teacher_opt)
+    opt = engine.make_optimizer(engine.param_groups([model], cfg.teacher_weight_decay), cfg.teacher_lr, cfg.teacher_opt)
     steps_per_epoch = len(data.train)
     sched = engine.cosine_schedule(opt, cfg.teacher_warmup_steps(steps_per_epoch), cfg.teacher_epochs * steps_per_epoch)
-    step = engine.TrainStep(wrap(model, device), SupervisedLoss(nn.CrossEntropyLoss(label_smoothing=cfg.teacher_smoothing)),
-                            opt, sched, device=device,
+    criterion = SupervisedLoss(nn.CrossEntropyLoss(label_smoothing=cfg.teacher_smoothing))
+    step = engine.TrainStep(distributed.wrap(model, device, DIST), criterion, opt, sched, device=device,
                             amp=cfg.run.amp, amp_dtype=cfg.run.autocast_dtype)
     for epoch in range(cfg.teacher_epochs):
         data.train.set_epoch(epoch)  # a new order and new augmentations each epoch (the same ones: no augmentation)
@@ -263,15 +263,15 @@ def build_student(cfg: TrainConfig, num_classes: int, teacher: Teacher | None, s
     model.set_distilled_training(True)
     if teacher is not None and cfg.beta > 0:
         model.set_alignment(teacher.channels(), cfg.aligned_blocks)
-    criterion = DearKDLoss(base_criterion(cfg), teacher, cfg.distillation_type if teacher is not None else "none",
-                           cfg.alpha, cfg.tau, beta=cfg.beta, standardize_target=cfg.align_standardize,
-                           backend=cfg.run.backend)
-    optimizer = engine.make_optimizer(param_groups([model], cfg.weight_decay), effective_lr(cfg, DIST.world_size))
+    labels_loss = engine.base_criterion(cfg.smoothing, soft_targets=cfg.mixes)
+    criterion = DearKDLoss(labels_loss, teacher, cfg.distillation_type if teacher is not None else "none", cfg.alpha,
+                           cfg.tau, beta=cfg.beta, standardize_target=cfg.align_standardize, backend=cfg.run.backend)
+    optimizer = engine.make_optimizer(engine.param_groups([model], cfg.weight_decay), effective_lr(cfg, DIST.world_size))
     scheduler = engine.cosine_schedule(optimizer, cfg.warmup_epochs * steps_per_epoch, cfg.epochs * steps_per_epoch,
                                        cfg.min_lr_ratio)
-    step = engine.TrainStep(wrap(model, device), criterion, optimizer, scheduler, device=device, amp=cfg.run.amp,
-                            amp_dtype=cfg.run.autocast_dtype, max_norm=cfg.max_norm, compile=cfg.run.compile,
-                            compile_mode=cfg.run.compile_mode)
+    step = engine.TrainStep(distributed.wrap(model, device, DIST), criterion, optimizer, scheduler, device=device,
+                            amp=cfg.run.amp, amp_dtype=cfg.run.autocast_dtype, max_norm=cfg.max_norm,
+                            compile=cfg.run.compile, compile_mode=cfg.run.compile_mode)
     ema = ModelEmaV3(model, decay=cfg.model_ema_decay) if cfg.model_ema else None
     return Student(model, criterion, optimizer, scheduler, step, steps_per_epoch, ema=ema)
 
@@ -282,7 +282,8 @@ def restore_or_start(out: OutputFolder, student: Student, ck: dict | None) -> No
     run (ck None) start metrics.jsonl empty."""
     metrics = out.path("metrics.jsonl")
     if ck is not None:
-        rng, epoch_state = per_rank(ck["rng"], "rng"), per_rank(ck.get("epoch_state"), "epoch_state")
+        rng = distributed.per_rank(ck["rng"], "rng", DIST)
+        epoch_state = distributed.per_rank(ck.get("epoch_state"), "epoch_state", DIST)
         try:
             student.model.load_state_dict(ck["student"], strict=True)
             student.optimizer.load_state_dict(ck["optimizer"])
@@ -326,7 +327,7 @@ def fit(cfg: TrainConfig, out: OutputFolder, student: Student, data: DataBundle,
                 if student.ema is not None:
                     student.ema.update(getattr(student.model, "module", student.model),
                                        step=epoch * student.steps_per_epoch + st.step)
-                signum = agreed_stop(stop.signum, st.step, device)
+                signum = distributed.agreed_stop(stop.signum, st.step, device, DIST)
                 due = cfg.checkpoint_every and (epoch * student.steps_per_epoch + st.step) % cfg.checkpoint_every == 0
                 if signum or due:  # one checkpoint when both fall on this step
                     save_checkpoint(cfg, out, student, data, epoch, st)
@@ -395,24 +396,7 @@ def save_checkpoint(cfg: TrainConfig, out: OutputFolder, student: Student, data:
           "classes": data.classes, "world_size": DIST.world_size,
           "scaler": student.step.scaler.state_dict() if student.step.scaler is not None else None,
           "ema": student.ema.state_dict() if student.ema is not None else None}
-    if cfg.keep_checkpoints == 1:
-        atomic_save(ck, out.path("checkpoint.pt"))
-        return
-    name = f"checkpoint-{ck['global_step']:09d}.pt"
-    atomic_save(ck, out.path(name))
-    link_latest(out, name, "checkpoint.pt")
-    kept = sorted(f for f in os.listdir(out.root) if f.startswith("checkpoint-") and f.endswith(".pt"))
-    for old in kept[:-cfg.keep_checkpoints]:
-        os.remove(os.path.join(out.root, old))
-
-
-def link_latest(out: OutputFolder, name: str, link: str) -> None:
-    """Point `link` at `name` atomically (a hard link renamed over it): never a moment without one."""
-    tmp = os.path.join(out.root, f".tmp-{link}")
-    if os.path.exists(tmp):
-        os.remove(tmp)
-    os.link(os.path.join(out.root, name), tmp)
-    os.replace(tmp, out.path(link))
+    save_rotating(ck, out.root, ck["global_step"], cfg.keep_checkpoints)
 
 
 def save_students(cfg: TrainConfig, out: OutputFolder, student: Student, data: DataBundle, inputs: InputSpec) -> None:
@@ -506,38 +490,6 @@ def _run(cfg: TrainConfig, out: OutputFolder, ck: dict | None, device: torch.dev
 # ---------------------------------------------------------------------------------------------- pieces
 
 
-def wrap(model: nn.Module, device: torch.device) -> nn.Module:
-    """DistributedDataParallel under torchrun (every trainable parameter synchronised, the student's alignment
-    projections included), the model itself in one process."""
-    if not DIST.active:
-        return model
-    from torch.nn.parallel import DistributedDataParallel
-
-    return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-
-
-def per_rank(value, what: str):
-    """This rank's entry of a checkpoint value saved per rank (a list under torchrun)."""
-    if not isinstance(value, list):
-        if DIST.active and value is not None:
-            raise CheckpointError(f"--resume: the checkpoint was written by 1 process; resume with 1 (this is {DIST.world_size})")
-        return value
-    if len(value) != DIST.world_size:
-        raise CheckpointError(f"--resume: the checkpoint's {what} is of {len(value)} processes; resume with "
-                              f"--nproc_per_node {len(value)} (this is {DIST.world_size})")
-    return value[DIST.rank]
-
-
-def agreed_stop(signum: int | None, step: int, device: torch.device) -> int:
-    """The stop request all ranks act on: this process's own in one process; under torchrun the largest
-    request of any rank, read every 10 steps (so all ranks stop at the same step)."""
-    if not DIST.active:
-        return signum or 0
-    if step % 10:
-        return 0
-    return int(distributed.all_max(torch.tensor([signum or 0], device=device)).item())
-
-
 def make_deterministic(device: torch.device) -> None:
     """Deterministic algorithms only (an op without one raises), no cuDNN autotuning."""
     if device.type == "cuda":
@@ -550,28 +502,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def param_groups(modules: list[nn.Module], weight_decay: float) -> list[dict]:
-    """AdamW groups: no decay for biases, norms, tokens and position embeddings."""
-    decay, no_decay = [], []
-    for mod in modules:
-        skip = mod.no_weight_decay() if hasattr(mod, "no_weight_decay") else set()
-        for name, p in mod.named_parameters():
-            if not p.requires_grad:
-                continue
-            (no_decay if p.ndim <= 1 or name in skip else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def base_criterion(cfg: TrainConfig) -> nn.Module:
-    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-
-    if cfg.mixes:
-        return SoftTargetCrossEntropy()
-    if cfg.smoothing > 0:
-        return LabelSmoothingCrossEntropy(cfg.smoothing)
-    return nn.CrossEntropyLoss()
 
 
 def mixup_fn(cfg: TrainConfig, num_classes: int):
