@@ -33,7 +33,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import timm
 import torch
@@ -61,18 +61,31 @@ def _switch(epochs: int) -> int:
     return max(1, min(stage_switch(epochs, None), epochs - 1)) if epochs > 1 else epochs
 
 
-# method -> (trainer flags given E, uses the teacher); the module docstring says what each is
-METHODS: dict[str, tuple] = {
-    "scratch": (lambda e: ["--stage1-epochs", "0"], False),
-    "deit": (lambda e: ["--beta", "0", "--stage1-epochs", str(e)], True),
-    "dearkd": (lambda e: ["--stage1-epochs", str(_switch(e))], True),
-    "dearkd-no-stage2": (lambda e: ["--stage1-epochs", str(e)], True),
+class Method(NamedTuple):
+    """A row of the grid: its trainer flags given the epochs E, and whether it is taught."""
+
+    flags: Callable[[int], list[str]]
+    uses_teacher: bool
+
+
+class DataFreeRow(NamedTuple):
+    """A data-free row: whether its images were synthesised with BPID, its trainer flags given E."""
+
+    bpid: bool
+    flags: Callable[[int], list[str]]
+
+
+# the module docstring says what each method is
+METHODS: dict[str, Method] = {
+    "scratch": Method(lambda e: ["--stage1-epochs", "0"], False),
+    "deit": Method(lambda e: ["--beta", "0", "--stage1-epochs", str(e)], True),
+    "dearkd": Method(lambda e: ["--stage1-epochs", str(_switch(e))], True),
+    "dearkd-no-stage2": Method(lambda e: ["--stage1-epochs", str(e)], True),
 }
-# data-free rows: (images synthesised with BPID?, trainer flags given E)
-DATA_FREE: dict[str, tuple] = {
-    "data-free dearkd, BPID": (True, lambda e: ["--stage1-epochs", str(_switch(e))]),
-    "data-free dearkd, no BPID": (False, lambda e: ["--stage1-epochs", str(_switch(e))]),
-    "data-free dearkd no-stage2, BPID": (True, lambda e: ["--stage1-epochs", str(e)]),
+DATA_FREE: dict[str, DataFreeRow] = {
+    "data-free dearkd, BPID": DataFreeRow(True, lambda e: ["--stage1-epochs", str(_switch(e))]),
+    "data-free dearkd, no BPID": DataFreeRow(False, lambda e: ["--stage1-epochs", str(_switch(e))]),
+    "data-free dearkd no-stage2, BPID": DataFreeRow(True, lambda e: ["--stage1-epochs", str(e)]),
 }
 
 
