@@ -37,6 +37,7 @@ from .models.student import load_student
 from .models.teacher import TeacherSpec, check_teacher_arch, create_classifier, freeze, load_teacher, spec_of
 
 PROG = "dearkd_fast.invert"
+DIST = Dist()  # this process's place under torchrun (one process without it), set by run() as in train.py
 DESCRIPTION = __doc__.split("\n\n")[0]
 
 
@@ -130,15 +131,14 @@ def build_objective(cfg: InvertConfig, model: torch.nn.Module, settings: Synthes
 
 
 def synthesize_all(cfg: InvertConfig, out: OutputFolder, crit: DeepInversionLoss, spec: TeacherSpec,
-                   settings: SynthesisSettings, state: dict, device: torch.device, d: Dist | None = None) -> None:
+                   settings: SynthesisSettings, state: dict, device: torch.device) -> None:
     """Every batch not yet done: optimise it from seed + k, write its PNGs, record it in progress.json. Under
     torchrun the ranks take turns (batch k on rank k mod N, each writing its own images); rank 0 records."""
-    d = d or Dist()
     plan = batches(len(settings.targets), settings.images_per_class, settings.batch_size)
     todo = [k for k in range(len(plan)) if str(k) not in state["done"]]
     bar = tqdm(total=len(plan), initial=len(state["done"]), desc="batches", disable=not cfg.run.progress, dynamic_ncols=True)
-    for r in range(0, len(todo), d.world_size):
-        k = todo[r + d.rank] if r + d.rank < len(todo) else None
+    for r in range(0, len(todo), DIST.world_size):
+        k = todo[r + DIST.rank] if r + DIST.rank < len(todo) else None
         result = None
         if k is not None:
             ids = plan[k]
@@ -153,7 +153,7 @@ def synthesize_all(cfg: InvertConfig, out: OutputFolder, crit: DeepInversionLoss
             save_images(x, ids, out.root, spec, settings)
             result = (k, terms, rels)
         for done in distributed.gather(result):  # rank 0 records every rank's finished batch
-            if done is None or not d.main:
+            if done is None or not DIST.main:
                 continue
             out.record(done[2])
             state["done"][str(done[0])] = done[1]
@@ -192,29 +192,31 @@ def finalise(cfg: InvertConfig, out: OutputFolder, model: torch.nn.Module, spec:
 
 
 def run(cfg: InvertConfig) -> dict:
+    global DIST
     t0 = time.time()
-    d, device = distributed.init(cfg.run.torch_device)
-    if not d.main:  # rank 0 alone shows progress and records; every rank writes its own batches' images
+    DIST, device = distributed.init(cfg.run.torch_device)
+    if not DIST.main:  # rank 0 alone shows progress and records; every rank writes its own batches' images
         cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, no_progress=True))
     try:
         check_inputs(cfg)
         model, spec = load_inversion_teacher(cfg)
         settings = cfg.synthesis(spec.arch, spec.num_classes, spec.input_size)
-        out, state = claim_output(cfg, settings, d)
+        out, state = claim_output(cfg, settings)
         model = model.to(device)
         crit = build_objective(cfg, model, settings, device)
-        synthesize_all(cfg, out, crit, spec, settings, state, device, d)
-        return finalise(cfg, out, model, spec, settings, state, device, t0) if d.main else {}
+        synthesize_all(cfg, out, crit, spec, settings, state, device)
+        return finalise(cfg, out, model, spec, settings, state, device, t0) if DIST.main else {}
     finally:
         distributed.close()
+        DIST = Dist()
 
 
-def claim_output(cfg: InvertConfig, settings: SynthesisSettings, d: Dist) -> tuple[OutputFolder, dict]:
+def claim_output(cfg: InvertConfig, settings: SynthesisSettings) -> tuple[OutputFolder, dict]:
     """prepare_output on rank 0 (a refusal ends every rank alike); the others get its progress state and
     write only the image files of their batches, which rank 0 records."""
     res = distributed.on_rank0(lambda: prepare_output(cfg, settings))
-    state = distributed.broadcast(res[1] if d.main else None)
-    return (res[0] if d.main else PeerFolder(cfg.output, PROG)), state
+    state = distributed.broadcast(res[1] if DIST.main else None)
+    return (res[0] if DIST.main else PeerFolder(cfg.output, PROG)), state
 
 
 # ---------------------------------------------------------------------------------------------- pieces
