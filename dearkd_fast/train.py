@@ -217,7 +217,7 @@ def prepare_teacher(cfg: TrainConfig, out: OutputFolder, data: DataBundle, input
         log(f"teacher: {cfg.teacher} with the weights of {cfg.teacher_weights}")
     else:
         model, spec = train_teacher(cfg, data, inputs, device)
-    model = model.to(memory_format=torch.channels_last)  # cuDNN and oneDNN (cifar_resnet9 bf16 CPU forward: 1.46x)
+    model = model.to(memory_format=torch.channels_last)  # faster cuDNN / oneDNN convolutions (benchmarks/RESULTS.md)
     taps = cfg.teacher_taps.split(",") if cfg.teacher_taps else None
     teacher = Teacher(model, spec, taps, input_norm=(inputs.mean, inputs.std))
     spec.top1 = engine.evaluate(lambda x: teacher(x)[0], data.val, device=device, amp=cfg.run.amp,

@@ -67,8 +67,7 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         # True: SDPA; False: the explicit product; None (default): SDPA for CUDA inputs, the explicit product on
-        # the CPU, where SDPA's bf16 backward is slow (bf16 train step of dearkd_micro_patch4_32, batch 128:
-        # 206 img/s with SDPA, 464 explicit; benchmarks/RESULTS.md)
+        # the CPU, where SDPA's bf16 backward is slow (benchmarks/RESULTS.md, "Plain attention on the CPU")
         self.fused: Optional[bool] = None
 
     def forward(self, x: Tensor) -> Tensor:
@@ -110,8 +109,7 @@ class MHCA(nn.Module):
         self.register_buffer("rel_pos", relative_positions(*grid_size), persistent=False)
         # True: SDPA + the shared positional product (no [B,H,T,T] tensor); False: the reference formulation
         # with the full attention matrix; None (default): fused for CUDA inputs, the reference on the CPU, where
-        # it is the faster one (CPU train step, bf16: 285 vs 414 ms for dearkd_micro_patch4_32 at batch 64,
-        # 322 vs 367 ms for dearkd_tiny_patch16_224 at batch 8; benchmarks/RESULTS.md)
+        # it is the faster one (benchmarks/RESULTS.md, "Training step — CPU")
         self.fused: Optional[bool] = None
         self.num_prefix_tokens = NUM_PREFIX_TOKENS  # an attribute, not a global: TorchScript reads it
         self.reset_locality()
