@@ -13,7 +13,7 @@ import os
 import random
 import tempfile
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -144,25 +144,22 @@ def load_model_file(path: str, kind: str, fmt: str, map_location: str | torch.de
     return ck
 
 
-def save_rotating(obj: Any, folder: str, step: int, keep: int, name: str = "checkpoint.pt") -> None:
+def save_rotating(obj: Any, path: Callable[[str], str], step: int, keep: int, name: str = "checkpoint.pt") -> None:
     """Write `name` atomically; with keep N > 1 as checkpoint-<step>.pt instead, `name` a hard link to the newest,
-    and only the newest N of them kept."""
+    and only the newest N of them kept. `path(relpath)` gives a file's place in the output folder (and records it
+    in the folder's manifest, as OutputFolder.path does)."""
     if keep == 1:
-        atomic_save(obj, os.path.join(folder, name))
+        atomic_save(obj, path(name))
         return
     stem = name.removesuffix(".pt")
-    own = f"{stem}-{step:09d}.pt"
-    atomic_save(obj, os.path.join(folder, own))
-    _link_latest(folder, own, name)
+    own = path(f"{stem}-{step:09d}.pt")
+    atomic_save(obj, own)
+    folder = os.path.dirname(own)
+    tmp = os.path.join(folder, f".tmp-{name}")  # the link renamed over `name`: never a moment without one
+    if os.path.exists(tmp):
+        os.remove(tmp)
+    os.link(own, tmp)
+    os.replace(tmp, path(name))
     kept = sorted(f for f in os.listdir(folder) if f.startswith(f"{stem}-") and f.endswith(".pt"))
     for old in kept[:-keep]:
         os.remove(os.path.join(folder, old))
-
-
-def _link_latest(folder: str, target: str, link: str) -> None:
-    """Point `link` at `target` atomically (a hard link renamed over it): never a moment without one."""
-    tmp = os.path.join(folder, f".tmp-{link}")
-    if os.path.exists(tmp):
-        os.remove(tmp)
-    os.link(os.path.join(folder, target), tmp)
-    os.replace(tmp, os.path.join(folder, link))

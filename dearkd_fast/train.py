@@ -396,7 +396,7 @@ def save_checkpoint(cfg: TrainConfig, out: OutputFolder, student: Student, data:
           "classes": data.classes, "world_size": DIST.world_size,
           "scaler": student.step.scaler.state_dict() if student.step.scaler is not None else None,
           "ema": student.ema.state_dict() if student.ema is not None else None}
-    save_rotating(ck, out.root, ck["global_step"], cfg.keep_checkpoints)
+    save_rotating(ck, out.path, ck["global_step"], cfg.keep_checkpoints)
 
 
 def save_students(cfg: TrainConfig, out: OutputFolder, student: Student, data: DataBundle, inputs: InputSpec) -> None:

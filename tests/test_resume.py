@@ -238,6 +238,8 @@ def test_the_newest_checkpoints_are_kept(tmp_path, teacher_pt):
     assert os.path.samefile(out / "checkpoint.pt", out / kept[-1])  # checkpoint.pt is the newest
     assert torch.load(out / "checkpoint.pt", weights_only=True)["global_step"] == 15
     assert not [f for f in os.listdir(out) if f.startswith(".tmp-")]
+    manifest = json.loads((out / "run.json").read_text())["files"]  # so --overwrite removes them
+    assert {"checkpoint.pt", *kept} <= set(manifest)
 
 
 @pytest.mark.slow
