@@ -313,6 +313,20 @@ def _status(run: Run) -> tuple[bool, list[str]]:
     return False, []
 
 
+def _lost_inputs(run: Run, runs: list[Run]) -> list[Run]:
+    """The finished runs whose output `run` reads (--teacher-ckpt, --data) but which is gone from disk, as
+    after a clone of a study folder (weights and images are not committed): they are to be run again."""
+    reads = [run.argv[i + 1] for i, a in enumerate(run.argv[:-1]) if a in ("--teacher-ckpt", "--data")]
+    lost = [p for p in reads if not os.path.exists(p)]
+    return [r for r in runs if r is not run and _status(r)[0]
+            and any(_inside(p, _tool_output(r)) for p in lost)]
+
+
+def _inside(path: str, folder: str) -> bool:
+    folder = os.path.abspath(folder)
+    return os.path.commonpath([folder, os.path.abspath(path)]) == folder
+
+
 def _tool_output(run: Run) -> str:
     return run.argv[run.argv.index("--output") + 1]
 
@@ -423,6 +437,9 @@ def run(cfg: StudyConfig) -> dict:
                 finished, extra = _status(r)
                 if finished:
                     continue
+                for provider in _lost_inputs(r, runs):  # weights stay out of git: a fresh checkout remakes them
+                    bar.set_postfix_str(f"runs {len(done)}/{len(estimate)}, now {provider.name} (its output is gone)")
+                    _execute(provider, root, ["--overwrite"], state)
                 bar.set_postfix_str(f"runs {len(done)}/{len(estimate)}, now {r.name}")
                 _execute(r, root, extra, state)
                 done.add(r.name)

@@ -118,6 +118,23 @@ def test_rerun_redoes_nothing_and_continues_an_interrupted_run(tiny_study, capsy
     assert changed == {os.path.join(root, "runs", "scratch-f0.5-s0", "summary.json")}
 
 
+def test_lost_teacher_weights_are_remade_only_when_a_run_still_reads_them(tiny_study, capsys):
+    """A clone of a study folder has no weights (they are not committed): a rerun with nothing to do trains
+    nothing; one with a student left to train first trains the teacher again, by its own command."""
+    root = tiny_study
+    teacher = os.path.join(root, "runs", "teacher", "teacher.pt")
+    os.remove(teacher)
+    capsys.readouterr()
+    assert study.main(TINY + ["--output", root]) == 0
+    assert "0 to do" in capsys.readouterr().out and not os.path.exists(teacher)
+    os.remove(os.path.join(root, "runs", "dearkd-f0.5-s0", "summary.json"))
+    assert study.main(TINY + ["--output", root]) == 0
+    assert "1 to do" in capsys.readouterr().out
+    assert os.path.isfile(teacher) and os.path.isfile(os.path.join(root, "runs", "dearkd-f0.5-s0", "summary.json"))
+    with open(os.path.join(root, "runs", "teacher", "command.txt")) as f:
+        assert f.read().strip().splitlines()[-1].endswith("--overwrite")
+
+
 def test_other_settings_in_the_same_folder_are_refused(tiny_study, capsys):
     before = mtimes(tiny_study)
     assert study.main([a if a != "2" else "3" for a in TINY] + ["--output", tiny_study]) == 2
