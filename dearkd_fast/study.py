@@ -526,6 +526,7 @@ def collect(cfg: StudyConfig, root: str, runs: list[Run], state: dict) -> dict:
              "rows": rows, "tuning": tuning, "ablations": ablations, "synthetic": synth,
              "total_wall_s": round(sum(v for v in state["wall_s"].values() if v), 1),
              "machine": machine(), "date": time.strftime("%Y-%m-%d")}
+    table["claims"] = claims(table)
     table["markdown"] = markdown(table)
     return table
 
@@ -562,6 +563,8 @@ def markdown(table: dict) -> str:
                 settings = f"`{r['settings']}`" if r.get("settings") else ""
         wall = f"{statistics.fmean(walls):.0f}" if walls else ""
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {settings} | {', '.join(epochs)} | {wall} |")
+    if table.get("claims"):
+        lines += claims_markdown(table)
     if table.get("tuning"):
         tuning = table["tuning"]
         lines += ["", f"Tuning: every candidate trained at {100 * tuning[0]['fraction']:g}% data (seed 0) and "
@@ -596,6 +599,59 @@ def markdown(table: dict) -> str:
             bits = ", ".join(f"{k} {v[k]:.3g}" if isinstance(v[k], float) else f"{k} {v[k]}" for k in v if v[k] is not None)
             lines.append(f"\n`{name}`: {bits}")
     return "\n".join(lines) + "\n"
+
+
+# the paper's claims as (statement, the row that should lead, the row it should lead, at each fraction?)
+CLAIMS = [("DearKD > DeiT-style", "dearkd", "deit", True), ("DeiT-style > scratch", "deit", "scratch", True),
+          ("DearKD > scratch", "dearkd", "scratch", True), ("stage 2 helps", "dearkd", "dearkd-no-stage2", True),
+          ("BPID helps data-free", "data-free dearkd, BPID", "data-free dearkd, no BPID", False)]
+
+
+def _gap(a: dict, b: dict) -> tuple[float, float]:
+    """(mean of a - mean of b, its standard error from the seed spreads). A row of one seed has no spread of
+    its own and borrows the other row's."""
+    sa = a["top1_std"] if len(a["top1"]) > 1 else b["top1_std"]
+    sb = b["top1_std"] if len(b["top1"]) > 1 else a["top1_std"]
+    return a["top1_mean"] - b["top1_mean"], math.sqrt(sa ** 2 / len(a["top1"]) + sb ** 2 / len(b["top1"]))
+
+
+def _verdict(d: float, se: float) -> str:
+    """Holds / reversed when the gap passes two standard errors; else within the seed spread."""
+    if se > 0 and abs(d) > 2 * se:
+        return "holds" if d > 0 else "reversed"
+    return "within the seed spread" + (" (leans yes)" if d > 0 else " (leans no)" if d < 0 else "")
+
+
+def claims(table: dict) -> list[dict]:
+    """Each of the paper's claims the table can test: where (a fraction, or data-free), the gap of means with
+    its standard error and the verdict; and whether DearKD's gain over DeiT-style is largest at the smallest
+    fraction."""
+    rows = {(r["method"], r["fraction"]): r for r in table["rows"]}
+    out = []
+    for statement, a, b, per_fraction in CLAIMS:
+        for frac in (table["settings"]["fractions"] if per_fraction else [None]):
+            if (a, frac) in rows and (b, frac) in rows:
+                d, se = _gap(rows[a, frac], rows[b, frac])
+                out.append({"claim": statement, "fraction": frac, "gap": round(d, 2), "se": round(se, 2),
+                            "verdict": _verdict(d, se)})
+    gains = [c for c in out if c["claim"] == "DearKD > DeiT-style"]
+    if len(gains) > 1:
+        small, large = gains[0], gains[-1]
+        d, se = small["gap"] - large["gap"], math.hypot(small["se"], large["se"])
+        out.append({"claim": "DearKD's gain over DeiT-style is largest at the smallest fraction", "fraction": None,
+                    "gap": round(d, 2), "se": round(se, 2), "verdict": _verdict(d, se)})
+    return out
+
+
+def claims_markdown(table: dict) -> list[str]:
+    lines = ["", "Against the paper (gap of means ± its standard error from the seed spreads; a claim holds, or is "
+             "reversed, when the gap passes two standard errors):", "", "| claim | where | gap (points) | verdict |",
+             "|---|---|---|---|"]
+    for c in table["claims"]:
+        where = f"{100 * c['fraction']:g}% data" if c["fraction"] is not None else (
+            "data-free" if "data-free" in c["claim"] else "smallest against largest")
+        lines.append(f"| {c['claim']} | {where} | {c['gap']:+.2f} ± {c['se']:.2f} | {c['verdict']} |")
+    return lines
 
 
 def write_outputs(root: str, table: dict) -> None:

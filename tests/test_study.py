@@ -60,6 +60,10 @@ def test_writes_tables_plots_and_every_runs_summary_and_command(tiny_study):
     with open(os.path.join(root, "table.md")) as f:
         md = f.read()
     assert "| dearkd |" in md and "50% data" in md
+    # one seed per row: every claim is read against the spread it has (none), and the table says so
+    assert {c["claim"] for c in table["claims"]} == {c[0] for c in study.CLAIMS}
+    assert all(c["verdict"].startswith("within the seed spread") for c in table["claims"] if c["se"] == 0)
+    assert "| DearKD > DeiT-style | 50% data |" in md
     runs = sorted(os.listdir(os.path.join(root, "runs")))
     assert len(runs) == 1 + len(study.METHODS) + 2 + len(study.DATA_FREE)
     for run in runs:
