@@ -109,19 +109,19 @@ def test_a_timm_style_loop_compiles_ema_checkpoints_and_resumes_through_the_stag
         assert sa.keys() == sb.keys() and all(torch.allclose(sa[k], sb[k], atol=1e-6) for k in sa)
 
 
-def test_dropin_doc_task_snippet_runs(tmp_path):
-    """docs/dropin.md's DearKDTask lines, executed as written (a teacher.pt, a one-batch loader and two epochs filled in;
+def test_readme_task_snippet_runs(tmp_path):
+    """The README's DearKDTask lines, executed as written (a teacher.pt, a one-batch loader and two epochs filled in;
     compile is left to the loop test above)."""
     import os
     import re
 
     teacher = make_teacher(10)
     save_teacher(teacher.model, teacher.spec, str(tmp_path / "teacher.pt"))
-    doc = open(os.path.join(os.path.dirname(__file__), "..", "docs", "dropin.md")).read()
+    doc = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
     code = next(c for c in re.findall(r"```python\n(.*?)```", doc, re.S) if "DearKDTask(" in c)
     code = (code.replace("runs/x/teacher.pt", str(tmp_path / "teacher.pt")).replace("range(300)", "range(2)")
             .replace("stage1_epochs=200", "stage1_epochs=1").replace("task.compile()", "pass"))
     x, y = _batch(n=4, classes=10)
     scope = {"timm": timm, "loader": [(x, y)]}
-    exec(compile(code, "docs/dropin.md", "exec"), scope)
+    exec(compile(code, "README.md", "exec"), scope)
     assert scope["task"].stage == 2 and torch.isfinite(scope["result"]["loss"]) and "ce_dist" in scope["result"]
