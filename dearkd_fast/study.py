@@ -124,6 +124,9 @@ ABLATIONS: dict[str, Callable[[int, int, int], tuple[str, ...]]] = {
                                                                 ",".join(map(str, range(k)))),
     "stage 1 for a third of the epochs": lambda e, depth, k: ("--stage1-epochs", str(max(1, e // 3))),
     "no stage 2": lambda e, depth, k: ("--stage1-epochs", str(e)),
+    # DeiT-style's tuning may pick soft distillation, DearKD's grid tunes standardisation instead: this asks
+    # whether a gap between them is the alignment's or the distillation's
+    "soft distillation, tau 3": lambda e, depth, k: ("--distillation-type", "soft", "--tau", "3"),
 }
 
 

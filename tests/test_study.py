@@ -296,10 +296,11 @@ def test_cpu_long_tunes_on_a_hold_out_never_reading_the_test_split(tmp_path, mon
         assert test_root not in seen[name]["scanned"] and summary(root, name)["args"]["val_data"] == "holdout"
         assert row["candidate"].startswith(chosen["candidate"]) and row["candidate"] != chosen["candidate"]
     args = [summary(root, n)["args"] for n in ablations]
-    assert [a["beta_decay"] for a in args] == [True, False, False, False, False]
+    assert [a["beta_decay"] for a in args] == [True, False, False, False, False, False]
     assert args[1]["align_blocks"] == "0,1,2,3" and (args[2]["num_mhca"], args[2]["align_blocks"]) == (0, "0")
     e = args[4]["epochs"]
     assert (args[3]["stage1_epochs"], args[4]["stage1_epochs"]) == (max(1, e // 3), e)
+    assert (args[5]["distillation_type"], args[5]["tau"]) == ("soft", 3.0) and args[4]["distillation_type"] == "hard"
     with open(os.path.join(root, "table.md")) as f:
         assert "Ablations" in f.read()
     finals = [n for n in seen if n != "teacher" and not n.startswith(("tune-", "ablate-"))]
