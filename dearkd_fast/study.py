@@ -336,13 +336,17 @@ def _tool_output(run: Run) -> str:
 
 def _execute(run: Run, root: str, extra: list[str], state: dict) -> None:
     """Run one tool invocation in this process, its output in the run's log.txt, and add the wall seconds it
-    took to the state (also when it fails or is stopped). InputError / RunError with the tool's own one-line
+    took to the state (also when it fails or is stopped; with --overwrite the time of the output it replaces
+    moves to the state's replaced_s). InputError / RunError with the tool's own one-line
     message when it fails; Stopped when it was stopped."""
     folder = os.path.join(root, "runs", run.name)
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "command.txt"), "a", encoding="utf-8") as f:
         f.write(run.command(extra) + "\n")
     tool = train if run.tool == "train" else invert
+    if "--overwrite" in extra and run.name in state["wall_s"]:  # the output it had is replaced: its time with it
+        replaced = state.setdefault("replaced_s", {})
+        replaced[run.name] = round(replaced.get(run.name, 0.0) + state["wall_s"].pop(run.name), 1)
     t0 = time.time()
     try:
         with open(os.path.join(folder, "log.txt"), "a", encoding="utf-8", buffering=1) as log, \
@@ -528,6 +532,7 @@ def collect(cfg: StudyConfig, root: str, runs: list[Run], state: dict) -> dict:
                          "wall_s": state["wall_s"].get("teacher")},
              "rows": rows, "tuning": tuning, "ablations": ablations, "synthetic": synth,
              "total_wall_s": round(sum(v for v in state["wall_s"].values() if v), 1),
+             "replaced_wall_s": round(sum(state.get("replaced_s", {}).values()), 1),
              "machine": machine(), "date": time.strftime("%Y-%m-%d")}
     table["claims"] = claims(table)
     table["markdown"] = markdown(table)
@@ -551,7 +556,9 @@ def markdown(table: dict) -> str:
              f"training split: top-1 {table['teacher']['top1']:.2f}%. Top-1 (%) of the last epoch on "
              f"{table['rows'][0]['num_val_samples'] if table['rows'] else '?'} validation images "
              f"(class-balanced share {s['val_fraction']:g}), mean ± std over seeds (n per cell). "
-             f"Machine: {where}; {table['date']}; all runs together {table['total_wall_s'] / 60:.1f} min.", "",
+             f"Machine: {where}; {table['date']}; all runs together {table['total_wall_s'] / 60:.1f} min"
+             + (f" (and {table['replaced_wall_s'] / 60:.1f} min of runs whose output was lost and remade)"
+                if table.get("replaced_wall_s") else "") + ".", "",
              "| method | " + " | ".join(f"{100 * f:g}% data" for f in fracs) + " | settings | epochs | wall s/run |",
              "|---|" + "---|" * len(fracs) + "---|---|---|"]
     grid = [r for r in table["rows"] if not r["data_free"]]

@@ -137,6 +137,11 @@ def test_lost_teacher_weights_are_remade_only_when_a_run_still_reads_them(tiny_s
     assert os.path.isfile(teacher) and os.path.isfile(os.path.join(root, "runs", "dearkd-f0.5-s0", "summary.json"))
     with open(os.path.join(root, "runs", "teacher", "command.txt")) as f:
         assert f.read().strip().splitlines()[-1].endswith("--overwrite")
+    with open(os.path.join(root, study.STATE)) as f:
+        state = json.load(f)
+    assert state["replaced_s"]["teacher"] > 0 and state["wall_s"]["teacher"] > 0  # the lost run's time set apart
+    with open(os.path.join(root, "table.json")) as f:
+        assert json.load(f)["replaced_wall_s"] == pytest.approx(state["replaced_s"]["teacher"], abs=0.1)
 
 
 def test_other_settings_in_the_same_folder_are_refused(tiny_study, capsys):
