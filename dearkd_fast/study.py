@@ -30,6 +30,7 @@ import platform
 import shlex
 import signal
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -347,6 +348,7 @@ def _execute(run: Run, root: str, extra: list[str], state: dict) -> None:
     if "--overwrite" in extra and run.name in state["wall_s"]:  # the output it had is replaced: its time with it
         replaced = state.setdefault("replaced_s", {})
         replaced[run.name] = round(replaced.get(run.name, 0.0) + state["wall_s"].pop(run.name), 1)
+    state.setdefault("commits", {})[run.name] = code_commit()
     t0 = time.time()
     try:
         with open(os.path.join(folder, "log.txt"), "a", encoding="utf-8", buffering=1) as log, \
@@ -363,6 +365,22 @@ def _execute(run: Run, root: str, extra: list[str], state: dict) -> None:
     if rc == 2:
         raise InputError(f"run {run.name} failed (exit 2): {last}")
     raise RunError(f"run {run.name} failed (exit {rc}): {last}")
+
+
+def code_commit() -> str | None:
+    """The commit of the code that runs (short hash, '-dirty' when the package's files differ from it), or None
+    outside a git checkout: the study records it for every run it executes."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short=7", "HEAD"], cwd=here, capture_output=True, text=True,
+                              timeout=10)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "dearkd_fast", "kernels"], cwd=here,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.strip() + ("-dirty" if dirty else "")
 
 
 def _last_line(path: str) -> str:
@@ -533,6 +551,7 @@ def collect(cfg: StudyConfig, root: str, runs: list[Run], state: dict) -> dict:
              "rows": rows, "tuning": tuning, "ablations": ablations, "synthetic": synth,
              "total_wall_s": round(sum(v for v in state["wall_s"].values() if v), 1),
              "replaced_wall_s": round(sum(state.get("replaced_s", {}).values()), 1),
+             "commits": {r.name: state.get("commits", {}).get(r.name) for r in runs},
              "machine": machine(), "date": time.strftime("%Y-%m-%d")}
     table["claims"] = claims(table)
     table["markdown"] = markdown(table)
@@ -543,6 +562,14 @@ def _curve(summary: dict) -> list[list]:
     """[[optimiser steps so far, validation top-1], ...] at every validated epoch of a run."""
     per_epoch = summary["num_train_samples"] // summary["batch_size_per_process"]
     return [[(e["epoch"] + 1) * per_epoch, e["val_top1"]] for e in summary["epochs"] if e["val_top1"] is not None]
+
+
+def _commits_line(table: dict) -> str:
+    """' Code: commit X (N runs), ...' from the commits the runs were executed at (unknown: before it was kept)."""
+    counts: dict[str, int] = {}
+    for c in table.get("commits", {}).values():
+        counts[c or "not recorded"] = counts.get(c or "not recorded", 0) + 1
+    return (" Code: " + ", ".join(f"{c} ({n} runs)" for c, n in counts.items()) + ".") if counts else ""
 
 
 def markdown(table: dict) -> str:
@@ -558,7 +585,7 @@ def markdown(table: dict) -> str:
              f"(class-balanced share {s['val_fraction']:g}), mean ± std over seeds (n per cell). "
              f"Machine: {where}; {table['date']}; all runs together {table['total_wall_s'] / 60:.1f} min"
              + (f" (and {table['replaced_wall_s'] / 60:.1f} min of runs whose output was lost and remade)"
-                if table.get("replaced_wall_s") else "") + ".", "",
+                if table.get("replaced_wall_s") else "") + "." + _commits_line(table), "",
              "| method | " + " | ".join(f"{100 * f:g}% data" for f in fracs) + " | settings | epochs | wall s/run |",
              "|---|" + "---|" * len(fracs) + "---|---|---|"]
     grid = [r for r in table["rows"] if not r["data_free"]]

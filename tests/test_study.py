@@ -2,6 +2,7 @@
 methods really differ (read from their summaries), an interrupted run is continued, other settings are refused."""
 import json
 import os
+import re
 
 import pytest
 
@@ -12,6 +13,10 @@ pytestmark = pytest.mark.slow  # runs the tools end to end
 TINY = ["--data", "digits", "--fractions", "0.5", "--seeds", "1", "--epochs", "2", "--teacher-epochs", "1",
         "--batch-size", "32", "--val-fraction", "0.5", "--workers", "0", "--synthetic-per-class", "2",
         "--synthetic-epochs", "2", "--invert-iterations", "2", "--device", "cpu", "--no-progress"]
+
+
+def runs_of(root):
+    return sorted(os.listdir(os.path.join(root, "runs")))
 
 
 def summary(root, run):
@@ -64,6 +69,11 @@ def test_writes_tables_plots_and_every_runs_summary_and_command(tiny_study):
     assert {c["claim"] for c in table["claims"]} == {c[0] for c in study.CLAIMS}
     assert all(c["verdict"].startswith("within the seed spread") for c in table["claims"] if c["se"] == 0)
     assert "| DearKD > DeiT-style | 50% data |" in md
+    # every run names the code it ran at (a commit, inside a git checkout as CI's)
+    assert set(table["commits"]) == set(runs_of(root)) and len(set(table["commits"].values())) == 1
+    if os.path.isdir(os.path.join(os.path.dirname(__file__), "..", ".git")):
+        assert re.fullmatch(r"[0-9a-f]{7}(-dirty)?", table["commits"]["teacher"])
+        assert f"Code: {table['commits']['teacher']} ({len(table['commits'])} runs)." in md
     runs = sorted(os.listdir(os.path.join(root, "runs")))
     assert len(runs) == 1 + len(study.METHODS) + 2 + len(study.DATA_FREE)
     for run in runs:
