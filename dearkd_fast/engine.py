@@ -47,12 +47,12 @@ def base_criterion(smoothing: float = 0.0, *, soft_targets: bool = False) -> nn.
     return nn.CrossEntropyLoss()
 
 
-def make_optimizer(groups: list[dict], lr: float, kind: str = "adamw") -> torch.optim.Optimizer:
-    """AdamW (betas 0.9, 0.999) or SGD (Nesterov momentum 0.9), each the fused implementation (CUDA and CPU): it
+def make_optimizer(groups: list[dict], lr: float, kind: str = "adamw", momentum: float = 0.9) -> torch.optim.Optimizer:
+    """AdamW (betas 0.9, 0.999) or SGD (Nesterov, `momentum`), each the fused implementation (CUDA and CPU): it
     can skip a step on a device-side flag (found_inf), which is how a non-finite loss is skipped without waiting
     for the device."""
     if kind == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True, fused=True)
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=True, fused=True)
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), fused=True)
 
 

@@ -24,7 +24,7 @@ import torch.nn as nn
 from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
-from . import config, distributed, engine, ops
+from . import config, distributed, engine, ops, teacher_recipe
 from .checkpoint import atomic_write_json, load_checkpoint, load_model_file, rng_state, save_rotating, set_rng_state
 from .cli import OutputFolder, PeerFolder, StopRequest, run_cli
 from .config import TrainConfig
@@ -229,20 +229,35 @@ def prepare_teacher(cfg: TrainConfig, out: OutputFolder, data: DataBundle, input
 
 
 def train_teacher(cfg: TrainConfig, data: DataBundle, inputs: InputSpec, device: torch.device) -> tuple[nn.Module, TeacherSpec]:
-    """Train --teacher from scratch on the run's data (CE with --teacher-smoothing, --teacher-opt, warm-up + cosine),
-    in channels_last (faster oneDNN and cuDNN convolutions)."""
+    """Train --teacher from scratch on the run's data by --teacher-recipe (teacher_recipe.py), CE with
+    --teacher-smoothing, in channels_last (faster oneDNN and cuDNN convolutions)."""
     model = create_teacher_model(cfg.teacher, len(data.classes)).to(device).to(memory_format=torch.channels_last)
-    opt = engine.make_optimizer(engine.param_groups([model], cfg.teacher_weight_decay), cfg.teacher_lr, cfg.teacher_opt)
-    steps_per_epoch = len(data.train)
-    sched = engine.cosine_schedule(opt, cfg.teacher_warmup_steps(steps_per_epoch), cfg.teacher_epochs * steps_per_epoch)
-    criterion = SupervisedLoss(nn.CrossEntropyLoss(label_smoothing=cfg.teacher_smoothing))
-    step = engine.TrainStep(distributed.wrap(model, device, DIST), criterion, opt, sched, device=device,
-                            amp=cfg.run.amp, amp_dtype=cfg.run.autocast_dtype)
+    if cfg.teacher_recipe == "fast":
+        recipe = teacher_recipe.fast_recipe(model, data.train, lr=cfg.teacher_lr, weight_decay=cfg.teacher_weight_decay,
+                                            epochs=cfg.teacher_epochs)
+    else:
+        recipe = teacher_recipe.standard_recipe(model, data.train, opt=cfg.teacher_opt, lr=cfg.teacher_lr,
+                                                weight_decay=cfg.teacher_weight_decay, epochs=cfg.teacher_epochs,
+                                                warmup_steps=cfg.teacher_warmup_steps(len(data.train)))
+    ce = nn.CrossEntropyLoss(label_smoothing=cfg.teacher_smoothing)
+    scale = recipe.logit_scale
+    criterion = SupervisedLoss(ce if scale == 1.0 else (lambda out, y: ce(out * scale, y)))
+    step = engine.TrainStep(distributed.wrap(model, device, DIST), criterion, recipe.optimizer, recipe.scheduler,
+                            device=device, amp=cfg.run.amp, amp_dtype=cfg.run.autocast_dtype)
+    done = [0]
+
+    def after_step(_state: engine.EpochState) -> None:
+        done[0] += 1
+        if recipe.after_step is not None:
+            recipe.after_step(done[0])
+
     for epoch in range(cfg.teacher_epochs):
-        data.train.set_epoch(epoch)  # a new order and new augmentations each epoch (the same ones: no augmentation)
-        stats = engine.train_one_epoch(step, data.train, desc=f"teacher {epoch + 1}/{cfg.teacher_epochs}",
-                                       progress=cfg.run.progress)
+        recipe.loader.set_epoch(epoch)  # a new order and new augmentations each epoch (the same ones: no augmentation)
+        stats = engine.train_one_epoch(step, recipe.loader, desc=f"teacher {epoch + 1}/{cfg.teacher_epochs}",
+                                       progress=cfg.run.progress, after_step=after_step)
         log(f"teacher epoch {epoch + 1}/{cfg.teacher_epochs}  loss {stats['loss']:.4f}")
+    if recipe.finish is not None:
+        recipe.finish()
     spec = TeacherSpec(arch=cfg.teacher, num_classes=len(data.classes), class_names=list(data.classes),
                        input_size=inputs.size, mean=inputs.mean, std=inputs.std)
     return model, spec

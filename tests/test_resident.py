@@ -184,3 +184,31 @@ def test_random_erasing_on_the_resident_batch(tmp_path):
         data = folder_data(root, loader, val_source=root, batch_size=4, workers=0, reprob=1.0, remode="const")
         x, _ = next(iter(data.train))
         assert ((x == 0).all(1).flatten(1).any(1)).all(), loader  # every image has an erased (zero) patch
+
+
+def test_reflected_translation_and_alternating_flips(tmp_path):
+    """The fast teacher recipe's augmentation: each image is a crop of its reflect-padded original (F.pad's
+    'reflect'), and with alternating flips every image is flipped in exactly one of two consecutive epochs."""
+    samples = _random_folder(tmp_path / "d", (4, 4))
+    images, labels, _ = resident_pixels(samples, train=True, size=16, progress=False)
+    plain = ResidentLoader(images, labels, batch_size=8, train=True, mean=MEAN, std=STD, seed=0)
+    res = plain.with_augmentation(pad=2, reflect=True, alternate_flip=True)
+    seen = {}
+    for epoch in (0, 1):
+        plain.set_epoch(epoch)
+        res.set_epoch(epoch)
+        (x, y), = _batches(res)
+        (x0, y0), = _batches(plain)
+        padded = torch.nn.functional.pad(x0, (2, 2, 2, 2), mode="reflect")
+        order = [int(i) for i, _ in res.sampler]
+        for i in range(8):
+            cands = {(dy, dx, f) for dy in range(5) for dx in range(5) for f in (False, True)
+                     if torch.equal(x[i], (lambda c: c.flip(2) if f else c)(padded[i, :, dy:dy + 16, dx:dx + 16]))}
+            assert cands, (epoch, i)  # one crop of the reflect-padded original, flipped or not
+            flips = {f for _, _, f in cands}
+            if len(flips) == 1:  # a symmetric crop could read both ways
+                seen.setdefault(order[i], []).append(flips.pop())
+    assert len(plain.sampler) == len(res.sampler) and torch.equal(y, y0)
+    both = [v for v in seen.values() if len(v) == 2]
+    assert len(both) >= 6 and all(v[0] != v[1] for v in both)  # flipped in exactly one epoch of the two
+    assert any(v[0] for v in both) and any(not v[0] for v in both)

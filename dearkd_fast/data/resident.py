@@ -5,8 +5,9 @@ only 1.3x stage 1). Here every image is decoded once with the torchvision path's
 (train: resize to size x size; eval: the short-side resize and centre crop) into a uint8 [N, 3, S, S] tensor,
 cached on disk under a key of the file list (paths, sizes, mtimes) and those steps (written atomically, shared
 by every run of a study), then moved to the training device once. A batch is gathered from it by index and
-augmented with batched tensor ops on the device: zero pad-and-crop by per-sample offsets, flip, ToTensor's
-/255 and Normalize, in the same order as torchvision (with augmentation off, the same pixels).
+augmented with batched tensor ops on the device: pad-and-crop by per-sample offsets (zero padding, or reflection
+for the fast teacher recipe), flip (at random, or alternating per image each epoch), ToTensor's /255 and
+Normalize, in the same order as torchvision (with augmentation off, the same pixels).
 
 The training order is the torchvision loader's EpochSampler: the permutation of (seed, epoch), cut to whole
 global batches, rank r of W taking every W-th index; so samples, labels and order match it, exact resume
@@ -14,6 +15,7 @@ mid-epoch and torchrun sharding work alike. Augmentation draws come from a gener
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -94,7 +96,9 @@ class ResidentLoader:
     """Batches of (images float32 [B,3,S,S] normalised, labels) from a resident uint8 tensor on `device`.
 
     train: EpochSampler's order (whole batches, this rank's share), pad-and-crop and flip per sample;
-    eval: this rank's contiguous shard, in order, no augmentation."""
+    eval: this rank's contiguous shard, in order, no augmentation. `reflect`: pad by reflection instead of zeros;
+    `alternate_flip`: image i is flipped in epoch e when (its seeded coin) xor (e odd), so every image is seen both
+    ways in each pair of epochs (then hflip is unused)."""
 
     def __init__(self, images: Tensor, labels: Tensor, *, batch_size: int, train: bool, mean, std, seed: int = 0,
                  pad: int = 0, hflip: float = 0.0, rank: int = 0, world_size: int = 1, device="cpu",
@@ -110,6 +114,17 @@ class ResidentLoader:
         n = images.shape[0]
         self.sampler = EpochSampler(n, batch_size, seed, rank, world_size, repeats) if train else None
         self.shard = shard_bounds(n, rank, world_size)
+        self.reflect, self.alternate_flip = False, False
+
+    def with_augmentation(self, *, pad: int, reflect: bool, alternate_flip: bool) -> ResidentLoader:
+        """The same images, order and sharding with other pad-and-crop and flip settings (a separate sampler)."""
+        new = copy.copy(self)
+        new.sampler = copy.copy(self.sampler)
+        new.pad, new.reflect, new.alternate_flip = pad, reflect, alternate_flip
+        if alternate_flip:
+            coin = torch.rand(self.images.shape[0], generator=torch.Generator().manual_seed(self.seed)) < 0.5
+            new.flip_coin = coin.to(self.device)
+        return new
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         if self.sampler is not None:
@@ -124,10 +139,19 @@ class ResidentLoader:
     def _normalise(self, x: Tensor) -> Tensor:
         return (x.float().div(255) - self.mean) / self.std  # ToTensor, then Normalize
 
-    def _augment(self, x: Tensor, g: torch.Generator) -> Tensor:
-        """Zero-pad by self.pad and crop back at per-sample offsets, then flip with probability hflip."""
+    def _augment(self, x: Tensor, g: torch.Generator, idx: Tensor) -> Tensor:
+        """Pad by self.pad (zeros, or reflection) and crop back at per-sample offsets, then flip: with probability
+        hflip, or alternating."""
         B, _, S, _ = x.shape
-        if self.pad:
+        if self.pad and self.reflect:  # a shifted window whose indices reflect at the borders: no padded copy
+            p = self.pad
+            ar = torch.arange(S, device=self.device)
+            dy = torch.randint(-p, p + 1, (B,), generator=g).to(self.device)
+            dx = torch.randint(-p, p + 1, (B,), generator=g).to(self.device)
+            rows, cols = (_reflect(d[:, None] + ar[None, :], S) for d in (dy, dx))
+            x = x.gather(2, rows[:, None, :, None].expand(B, 3, S, S))
+            x = x.gather(3, cols[:, None, None, :].expand(B, 3, S, S))
+        elif self.pad:
             p = self.pad
             padded = torch.nn.functional.pad(x, (p, p, p, p))
             dy = torch.randint(0, 2 * p + 1, (B,), generator=g).to(self.device)
@@ -137,7 +161,10 @@ class ResidentLoader:
             x = padded.gather(2, rows)
             cols = (dx[:, None] + ar[None, :])[:, None, None, :].expand(B, 3, S, S)
             x = x.gather(3, cols)
-        if self.hflip > 0:
+        if self.alternate_flip:
+            flip = self.flip_coin.index_select(0, idx) ^ bool(self.sampler.epoch % 2)
+            x = torch.where(flip[:, None, None, None], x.flip(3), x)
+        elif self.hflip > 0:
             flip = (torch.rand((B,), generator=g) < self.hflip).to(self.device)
             x = torch.where(flip[:, None, None, None], x.flip(3), x)
         return x
@@ -155,10 +182,16 @@ class ResidentLoader:
             batch = s.start + k  # the batch's index within the epoch: its draws do not depend on where a run resumed
             g = torch.Generator().manual_seed((self.seed * 1_000_003 + s.epoch) * 1_000_003 + batch)
             idx = order[k * self.batch_size:(k + 1) * self.batch_size].to(self.device)
-            x = self._normalise(self._augment(self.images.index_select(0, idx), g))
+            x = self._normalise(self._augment(self.images.index_select(0, idx), g, idx))
             if self.reprob > 0:
                 x = random_erase(x, self.reprob, self.remode, g)
             yield x, self.labels.index_select(0, idx)
+
+
+def _reflect(i: Tensor, n: int) -> Tensor:
+    """Indices i (within one n of [0, n)) reflected into [0, n) without repeating the edge (F.pad 'reflect')."""
+    i = i.abs()
+    return (n - 1) - (n - 1 - i).abs()
 
 
 def random_erase(x: Tensor, p: float, mode: str, g: torch.Generator, attempts: int = 10) -> Tensor:
