@@ -11,6 +11,8 @@ Jordan's airbench in 10) applied to `cifar_widenet` on the resident loader:
 - logits are scaled by 1/9 while training (folded into `fc` at the end: the saved teacher is a plain net);
 - lookahead: every 5 steps the weights and a slow copy of them meet at w_slow <- w_slow + (1 - d)(w - w_slow),
   d = 0.95^5 (t/T)^3, and the last step hands over the slow copy;
+- BatchNorm's running statistics are then measured afresh for the final weights ("precise BN": the plain average
+  over 10240 augmented training images), since those of training belong to the fast weights, not the slow copy;
 - translate by up to 2 px with reflected borders, and flips that alternate per image from epoch to epoch.
 
 Each recipe is a `TeacherRecipe`: what train.train_teacher's epoch loop needs."""
@@ -31,6 +33,7 @@ __all__ = ["TeacherRecipe", "standard_recipe", "fast_recipe", "whitening_filters
 
 FAST_MOMENTUM, FAST_BN_MOMENTUM, FAST_BIAS_SCALE, FAST_LOGIT_SCALE = 0.85, 0.4, 64.0, 1 / 9
 FAST_WARMUP, FAST_START, FAST_END, FAST_LOOKAHEAD_EVERY = 0.23, 0.2, 0.07, 5
+FAST_BN_IMAGES = 10240
 
 
 @dataclass
@@ -65,9 +68,11 @@ def whitening_filters(images: Tensor, k: int, eps: float = 5e-4) -> Tensor:
 
 
 def fast_recipe(model: nn.Module, loader, *, lr: float, weight_decay: float, epochs: int,
-                whiten_images: int = 5000) -> TeacherRecipe:
+                whiten_images: int = 5000, bn_images: int = FAST_BN_IMAGES, amp: bool = False,
+                amp_dtype: torch.dtype = torch.bfloat16) -> TeacherRecipe:
     """The fast CIFAR recipe (module docstring) on `model` (prepared in place: stem whitened and frozen, convs
-    identity-initialised, BN weights frozen) over the resident `loader`."""
+    identity-initialised, BN weights frozen) over the resident `loader`; `amp` / `amp_dtype` as in training (the
+    final BN statistics are measured under them)."""
     if not isinstance(loader, ResidentLoader):
         raise InputError("--teacher-recipe fast needs the resident loader (--loader resident: a data set whose "
                          "decoded pixels fit in memory)")
@@ -119,6 +124,18 @@ def fast_recipe(model: nn.Module, loader, *, lr: float, weight_decay: float, epo
 
     @torch.no_grad()
     def finish() -> None:
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # a plain average over the batches below
+        model.train()
+        train.set_epoch(epochs)  # augmentations no training step saw
+        seen = 0
+        for x, _ in train:
+            if seen >= bn_images:
+                break
+            with engine.autocast(x.device, amp, amp_dtype):
+                model(x)
+            seen += x.shape[0]
         for m in norms:
             m.momentum = 0.1
         fc.weight.mul_(FAST_LOGIT_SCALE)  # logits * s == a head with weights * s: the scale moves into the net

@@ -234,7 +234,8 @@ def train_teacher(cfg: TrainConfig, data: DataBundle, inputs: InputSpec, device:
     model = create_teacher_model(cfg.teacher, len(data.classes)).to(device).to(memory_format=torch.channels_last)
     if cfg.teacher_recipe == "fast":
         recipe = teacher_recipe.fast_recipe(model, data.train, lr=cfg.teacher_lr, weight_decay=cfg.teacher_weight_decay,
-                                            epochs=cfg.teacher_epochs)
+                                            epochs=cfg.teacher_epochs, amp=cfg.run.amp,
+                                            amp_dtype=cfg.run.autocast_dtype)
     else:
         recipe = teacher_recipe.standard_recipe(model, data.train, opt=cfg.teacher_opt, lr=cfg.teacher_lr,
                                                 weight_decay=cfg.teacher_weight_decay, epochs=cfg.teacher_epochs,

@@ -342,7 +342,7 @@ def test_cpu_long_tunes_on_a_hold_out_never_reading_the_test_split(tmp_path, mon
     steps = {r["method"]: r["steps"] for r in table["rows"]}
     assert len(set(steps.values())) == 1 and min(steps.values()) >= 30
     t = summary(root, "teacher")["args"]
-    assert t["teacher"] == STUDY_TIERS["cpu-long"].teacher and t["teacher_opt"] == "sgd" and t["batch_size"] == 512
+    assert t["teacher"] == STUDY_TIERS["cpu-long"].teacher and t["teacher_recipe"] == "fast" and t["batch_size"] == 512
     with open(os.path.join(root, "table.md")) as f:
         md = f.read()
     assert "Tuning" in md and "hold-out" in md and md.count("| **") == len(study.TUNING)

@@ -45,11 +45,34 @@ def test_fast_recipe_prepares_the_net_and_folds_the_logit_scale():
     assert recipe.total_steps == 2 * len(loader) and recipe.loader.reflect and recipe.loader.alternate_flip
     lrs = [g["lr"] for g in recipe.optimizer.param_groups]
     assert max(lrs) == 64 * min(lrs)  # BN biases at 64x, everything at the warm-up's start
+    fc_before = model.fc.weight.detach().clone()
+    recipe.finish()
     model.eval()
     x = torch.randn(3, 3, 16, 16)
-    before = model(x) * recipe.logit_scale
+    features = model.forward_head(model.forward_features(x), pre_logits=True)
+    head = features @ model.fc.weight.T
+    torch.testing.assert_close(model(x), head)
+    torch.testing.assert_close(model.fc.weight / recipe.logit_scale, fc_before)  # the scale lives in fc now
+
+
+def test_finish_measures_the_bn_statistics_of_the_final_weights():
+    torch.manual_seed(1)
+    loader = _resident()
+    model = cifar_widenet(num_classes=10)
+    recipe = teacher_recipe.fast_recipe(model, loader, lr=0.1, weight_decay=0.0, epochs=3, whiten_images=64,
+                                        bn_images=32)
+    stale = torch.full_like(model.bn1.running_mean, 7.0)
+    model.bn1.running_mean.copy_(stale)  # what training left: statistics of other weights
+    recipe.loader.set_epoch(3)  # the epoch after the last: the batches finish() reads
+    batches = [x for x, _ in list(recipe.loader)[:2]]  # 2 batches of 16 = bn_images
+    with torch.no_grad():
+        stem = [model.conv1(x) for x in batches]
     recipe.finish()
-    torch.testing.assert_close(model(x), before)  # the scale lives in fc now
+    expect_mean = torch.stack([y.mean((0, 2, 3)) for y in stem]).mean(0)
+    expect_var = torch.stack([y.var((0, 2, 3), unbiased=True) for y in stem]).mean(0)
+    torch.testing.assert_close(model.bn1.running_mean, expect_mean, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(model.bn1.running_var, expect_var, atol=1e-5, rtol=1e-4)
+    assert model.bn1.momentum == 0.1 and model.bn1.num_batches_tracked.item() == 2
 
 
 def test_lookahead_pulls_the_weights_to_a_slow_copy():
