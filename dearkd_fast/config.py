@@ -199,14 +199,15 @@ class TrainConfig:
     teacher_weights: str | None = flag(None, "a plain state dict of --teacher (e.g. published weights) to load "
                                        "instead of training a teacher", group="models")
     teacher_epochs: int = flag(10, "epochs to train the teacher when no --teacher-ckpt", group="models")
-    teacher_opt: str = flag("adamw", "the teacher's optimiser: adamw, or sgd (Nesterov momentum 0.9; the fast CIFAR "
-                            "recipes: --teacher-lr 0.2 --teacher-weight-decay 5e-4)", group="models",
-                            choices=("adamw", "sgd"))
+    teacher_opt: str = flag("adamw", "the teacher's optimiser under --teacher-recipe standard: adamw, or sgd (Nesterov "
+                            "momentum 0.9); the fast recipe has its own", group="models", choices=("adamw", "sgd"))
     teacher_recipe: str = flag("standard", "how the teacher is trained: standard (--teacher-opt, warm-up + cosine, the "
                                "run's augmentation) or fast (the fast CIFAR-10 techniques for cifar_widenet on the "
-                               "resident loader: whitened frozen stem, lookahead, ...; docs/method.md)", group="models",
+                               "resident loader: whitened frozen stem, Nesterov SGD at momentum 0.85, lookahead, ...; "
+                               "docs/method.md)", group="models",
                                choices=("standard", "fast"))
-    teacher_lr: float = flag(2e-3, "peak learning rate of the teacher (warm-up, then cosine)", group="models")
+    teacher_lr: float = flag(2e-3, "peak learning rate of the teacher (standard: warm-up, then cosine; fast: "
+                              "the triangular schedule's peak)", group="models")
     teacher_weight_decay: float = flag(5e-4, "weight decay of the teacher (not on norms and biases)", group="models")
     teacher_smoothing: float = flag(0.0, "label smoothing of the teacher's cross-entropy", group="models")
     teacher_taps: str | None = flag(None, "comma-separated teacher modules to align to (default: first two stages)",
