@@ -130,12 +130,12 @@ def fast_recipe(model: nn.Module, loader, *, lr: float, weight_decay: float, epo
         model.train()
         train.set_epoch(epochs)  # augmentations no training step saw
         seen = 0
-        for x, _ in train:
-            if seen >= bn_images:
-                break
+        for x, _ in train if bn_images > 0 else ():
             with engine.autocast(x.device, amp, amp_dtype):
                 model(x)
             seen += x.shape[0]
+            if seen >= bn_images:
+                break  # before the loader augments a batch no one reads
         for m in norms:
             m.momentum = 0.1
         fc.weight.mul_(FAST_LOGIT_SCALE)  # logits * s == a head with weights * s: the scale moves into the net
